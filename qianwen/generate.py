@@ -1,0 +1,268 @@
+"""Text generation: KV-cached decoding with greedy or sampled tokens, stop ids
+and stop strings, streaming, and batches of prompts (left-padded)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qianwen.model import Transformer
+from qianwen.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated ids, without the stop id
+    text: str  # decoded, cut before any stop string
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of fp32 logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= s.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty on every id already in the row."""
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
+    limit = model.config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}, "
+            f"{prompt_len + max_new_tokens} in all, past the model's limit of {limit}; "
+            "shorten the prompt or lower max_new_tokens."
+        )
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty; give at least one token.")
+
+
+@torch.inference_mode()
+def token_steps(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yields the next id of every row, step by step, until the caller stops
+    or max_new_tokens is reached. Rows are left-padded to a common length."""
+    sampling = sampling or Sampling()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    longest = max(len(p) for p in prompts)
+    for p in prompts:
+        check_length(model, len(p), max_new_tokens)
+    device = model.embed.weight.device
+    B = len(prompts)
+    ids = torch.full((B, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, longest - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    if bool(mask.all()):
+        mask = None
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    seen = None
+    if sampling.repetition_penalty != 1:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask.bool() if mask is not None else True)
+
+    cache = model.new_cache(B, longest + max_new_tokens) if use_cache else None
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = _penalise(logits, seen, sampling.repetition_penalty)
+        token = sample(logits, sampling, generator)
+        yield token
+        if step == max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        if cache is not None:
+            logits = model(token[:, None], cache=cache, last_only=True)[:, -1].float()
+        else:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+            logits = model(ids, attention_mask=mask, last_only=True)[:, -1].float()
+
+
+@dataclass
+class _Row:
+    """One prompt's output: ids, text, and the stop logic."""
+
+    tokenizer: Tokenizer | None
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # text[:emitted] has been handed to a streaming caller
+    done: bool = False
+    finish_reason: str = "length"
+    decoder: StreamDecoder | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None:
+            self.decoder = self.tokenizer.stream(skip_special=False)
+
+    def add(self, token: int) -> str:
+        """Take one id; return the text now safe to show."""
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.ids.append(token)
+        if self.decoder is None:
+            return ""
+        before = len(self.text)
+        self.text += self.decoder.push(token)
+        if self.stop_strings:
+            longest = max(map(len, self.stop_strings))
+            start = max(0, before - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self.finish("stop", flush=False)
+        safe = len(self.text) - self._held_back()
+        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return delta
+
+    def finish(self, reason: str, flush: bool = True) -> str:
+        self.done, self.finish_reason = True, reason
+        if flush and self.decoder is not None:
+            self.text += self.decoder.flush()
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that could begin a stop string."""
+        for n in range(min(len(self.text), max(map(len, self.stop_strings), default=1) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop_strings):
+                return n
+        return 0
+
+
+def _as_ids(prompt, tokenizer: Tokenizer | None) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass tokenizer= or give token ids.")
+        return tokenizer.encode(prompt)
+    return [int(t) for t in prompt]
+
+
+def _rows(model, tokenizer, prompts, max_new_tokens, stop_ids, stop, sampling, use_cache):
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to read the text; pass tokenizer=.")
+    stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
+    if stop_ids is None:
+        stop_ids = tokenizer.chat_stop_ids + [tokenizer.eod_id] if tokenizer is not None else []
+    rows = [_Row(tokenizer, frozenset(stop_ids), stops) for _ in prompts]
+    pad = tokenizer.pad_id if tokenizer is not None else 0
+    steps = token_steps(model, prompts, max_new_tokens, sampling, pad, use_cache)
+    return rows, steps
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    stop: str | Sequence[str] | None = None,
+    use_cache: bool = True,
+) -> Completion | list[Completion]:
+    """Complete one prompt (text or ids) or a batch of them. Stops at any of
+    `stop_ids` (default: the tokenizer's <|im_end|>, <|im_start|>, <|endoftext|>)
+    or `stop` strings. Returns one Completion, or a list for a batch."""
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    batch = [_as_ids(p, tokenizer) for p in ([prompts] if single else prompts)]
+    if not batch:
+        raise ValueError("no prompts given.")
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    rows, steps = _rows(model, tokenizer, batch, max_new_tokens, stop_ids, stop, sampling, use_cache)
+    for tokens in steps:
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if not row.done:
+                row.add(token)
+        if all(r.done for r in rows):
+            steps.close()
+            break
+    for row in rows:
+        if not row.done:
+            row.finish("length")
+    out = [Completion(r.ids, r.text, r.finish_reason, len(p)) for r, p in zip(rows, batch, strict=True)]
+    return out[0] if single else out
+
+
+def stream(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 256,
+    **options,
+) -> Iterator[str]:
+    """Yield text as it is generated. A stop string never shows, not even in
+    part: text that could begin one is held back until it cannot."""
+    stop_ids, stop = options.pop("stop_ids", None), options.pop("stop", None)
+    use_cache = options.pop("use_cache", True)
+    sampling = Sampling(**options)
+    ids = _as_ids(prompt, tokenizer)
+    (row,), steps = _rows(model, tokenizer, [ids], max_new_tokens, stop_ids, stop, sampling, use_cache)
+    for tokens in steps:
+        delta = row.add(int(tokens[0]))
+        if delta:
+            yield delta
+        if row.done:
+            steps.close()
+            return
+    delta = row.finish("length")
+    if delta:
+        yield delta

@@ -1,0 +1,334 @@
+"""The Qwen transformer (QWEN_SPEC.md sections 1 and 2).
+
+A pre-norm decoder: RMSNorm, rotary attention with a fused QKV projection
+(with bias), SwiGLU MLP, untied output head. Long-context inference adds
+dynamic NTK, LogN query scaling and per-layer windows; all three switch off
+while the module is in training mode. The model knows nothing of training,
+distribution or checkpoint formats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qianwen.config import ModelConfig
+
+# ---------------------------------------------------------------------------
+# Long-context formulas (section 2)
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """Dynamic NTK factor for a prompt of `length` tokens: 1, 3, 7, 15 at 1x..8x."""
+    context_value = math.log2(length / seq_length) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def ntk_base(base: float, alpha: float, rotary_dim: int) -> float:
+    return base * alpha ** (rotary_dim / (rotary_dim - 2))
+
+
+def inverse_frequencies(base: float, rotary_dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def logn_factors(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Query multiplier for 0-based positions: log(i)/log(seq_length) past training length."""
+    i = positions.double() + 1
+    scaled = torch.log(i) / math.log(seq_length)
+    return torch.where(i > seq_length, scaled, torch.ones_like(i)).float()
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Normalise in fp32, cast back, then scale: the order Qwen's reference uses.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("NeoX") rotation of the last dim, computed in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_dim = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: _Context,
+        layer: int,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D)
+        qk = apply_rotary(qkv[:, :, : H + K], ctx.cos, ctx.sin)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K :]
+        if ctx.logn is not None:
+            q = q * ctx.logn.to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(layer, ctx.start, k, v)
+        mask = ctx.mask(layer)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and ctx.causal,
+            enable_gqa=K != H,
+        )
+        return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+        self.dropout = config.dropout
+
+    def forward(self, x, ctx, layer, cache):
+        h = x + F.dropout(self.attn(self.attn_norm(x), ctx, layer, cache), self.dropout, self.training)
+        return h + F.dropout(self.mlp(self.mlp_norm(h)), self.dropout, self.training)
+
+
+# ---------------------------------------------------------------------------
+# KV cache and the per-forward context (positions, rotary tables, masks)
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer, in slot order.
+
+    Rows may be left-padded: `valid` marks real tokens, and positions count only
+    real tokens, so a padded row decodes exactly as it would alone. The NTK
+    factor of each row is fixed when the cache is first filled (prefill)."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # slots filled
+        self.valid: torch.Tensor | None = None  # [B, max_len] bool, only once padding is seen
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row
+        self.alpha: torch.Tensor | None = None  # [B] NTK factor fixed at prefill
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class _Context:
+    """What every layer of one forward pass shares: positions, rotary tables,
+    LogN factors and attention masks (built once per distinct window)."""
+
+    def __init__(self, model: Transformer, input_ids, attention_mask, cache):
+        config, device = model.config, input_ids.device
+        B, T = input_ids.shape
+        self.start = start = cache.length if cache is not None else 0
+        self.S = end = start + T
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens but this step needs {end}.")
+        inference = not model.training
+
+        new_valid = None
+        if attention_mask is not None:
+            new_valid = attention_mask.to(device=device, dtype=torch.bool)
+            if bool(new_valid.all()):
+                new_valid = None
+        padded = new_valid is not None or (cache is not None and cache.valid is not None)
+
+        # Key-slot validity. Positions count real tokens only, so a left-padded
+        # row sees the same positions it would see alone.
+        self.valid = new_valid
+        if cache is not None and padded:
+            if cache.valid is None:
+                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+            cache.valid[:, start:end] = True if new_valid is None else new_valid
+            self.valid = cache.valid[:, :end]
+        positions = None  # None: position == slot for every row
+        seen = cache.seen if cache is not None else 0
+        if padded:
+            steps = new_valid.long().cumsum(1) - 1 if new_valid is not None else torch.arange(T, device=device)
+            positions = (seen[:, None] + steps).clamp(min=0) if cache is not None else steps.clamp(min=0)
+        if cache is not None or (inference and config.use_dynamic_ntk):
+            counts = new_valid.long().sum(1) if new_valid is not None else torch.full((B,), T, device=device)
+            total = seen + counts
+
+        # Dynamic NTK: alpha from each row's true length at prefill, then kept.
+        alpha = None
+        if inference and config.use_dynamic_ntk:
+            if cache is not None and start > 0:
+                alpha = cache.alpha
+            else:
+                alpha = torch.tensor([ntk_alpha(n, config.seq_length) for n in total.tolist()], device=device)
+                if cache is not None:
+                    cache.alpha = alpha
+            if alpha is not None and bool((alpha == 1).all()):
+                alpha = None
+        if cache is not None:
+            cache.seen, cache.length = total, end
+
+        self.cos, self.sin = model.rotary_tables(positions, start, end, alpha)
+        self.logn = None
+        if inference and config.use_logn_attn and end > config.seq_length:
+            pos = positions if positions is not None else torch.arange(start, end, device=device)[None]
+            self.logn = logn_factors(pos, config.seq_length)[:, :, None, None]  # [B, T, heads, dim]
+
+        self.windows = config.attention_windows if inference and config.attention_windows else None
+        self.T = T
+        self.causal = T > 1
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+        self._device = device
+
+    def mask(self, layer: int) -> torch.Tensor | None:
+        window = self.windows[layer] if self.windows is not None else None
+        if window is not None and window >= self.S:
+            window = None  # the whole sequence fits: plain causal attention
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    def _build_mask(self, window: int | None) -> torch.Tensor | None:
+        needs_offset = self.T > 1 and self.start > 0
+        if self.valid is None and window is None and not needs_offset:
+            return None  # SDPA's own causal path (or no mask at all for one query)
+        q = torch.arange(self.start, self.S, device=self._device)[:, None]
+        k = torch.arange(self.S, device=self._device)[None, :]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        if self.valid is not None:
+            # Padding is never attended to, except by itself, so no row is all -inf.
+            allowed = allowed[None] & (self.valid[:, None, :] | (k == q)[None])
+            return allowed[:, None]
+        return allowed[None, None]
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """normal(0, 0.02); output projections scaled by 1/sqrt(2 * layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                scale = (
+                    1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
+                )
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std * scale)
+
+    def rotary_tables(self, positions: torch.Tensor | None, start: int, end: int, alpha):
+        """cos and sin [B, T, 1, head_dim/2] in fp32, for positions [B, T] or,
+        when positions is None, for the range start..end shared by all rows."""
+        D, base = self.config.head_dim, self.config.rope_base
+        device = self.embed.weight.device
+        if alpha is not None:
+            if positions is None:
+                positions = torch.arange(start, end, device=device)[None]
+            inv = torch.stack([inverse_frequencies(ntk_base(base, float(a), D), D) for a in alpha.tolist()])
+            freqs = positions.float()[..., None] * inv.to(device)[:, None, :]
+            return freqs.cos()[:, :, None], freqs.sin()[:, :, None]
+        needed = end if positions is None else int(positions.max()) + 1
+        table = self._rope_cache
+        if table is None or table[0].shape[0] < needed or table[0].device != device:
+            size = max(needed, self.config.max_position_embeddings)
+            inv = inverse_frequencies(base, D).to(device)
+            freqs = torch.outer(torch.arange(size, device=device).float(), inv)
+            table = self._rope_cache = (freqs.cos(), freqs.sin())
+        cos, sin = table
+        if positions is None:
+            return cos[None, start:end, None], sin[None, start:end, None]
+        return cos[positions][:, :, None], sin[positions][:, :, None]
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] (what the output head reads)."""
+        ctx = _Context(self, input_ids, attention_mask, cache)
+        x = self.embed(input_ids)
+        x = F.dropout(x, self.config.dropout, self.training)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i, cache)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only, as decoding needs)."""
+        h = self.hidden_states(input_ids, attention_mask, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
