@@ -251,7 +251,9 @@ class TensorSource:
     def _indexed(self, index: Path) -> list[Path] | None:
         if not index.is_file():
             return None
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'; is the index file complete?")
         files = sorted({self.directory / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -336,6 +338,16 @@ def _v1_names(config: ModelConfig) -> dict[str, list[str]]:
 # Loading
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object.")
+    return data
+
+
 def read_config(directory: str | os.PathLike) -> tuple[str, ModelConfig]:
     """("qwen" or "qwen2", ModelConfig) for a checkpoint directory."""
     directory = Path(directory)
@@ -346,16 +358,14 @@ def read_config(directory: str | os.PathLike) -> tuple[str, ModelConfig]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no config.json.")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}).") from None
+    cfg = _read_json(path)
     kind = cfg.get("model_type")
     if kind == "qwen":
         return kind, config_from_v1(cfg, path)
     if kind == "qwen2":
-        extras_path = directory / "qianwen.json"
-        extras = json.loads(extras_path.read_text()).get("model", {}) if extras_path.is_file() else None
+        extras = (
+            _read_json(directory / "qianwen.json").get("model", {}) if (directory / "qianwen.json").is_file() else None
+        )
         return kind, config_from_qwen2(cfg, path, extras)
     raise CheckpointError(
         f"{path} describes a {kind!r} model; qianwen reads Qwen v1 ('qwen') and Qwen2-format ('qwen2') checkpoints."

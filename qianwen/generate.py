@@ -39,10 +39,8 @@ class Sampling:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of fp32 logits [B, V]."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
+def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus): dropped ids get -inf."""
     logits = logits / s.temperature
     if s.top_k and s.top_k < logits.shape[-1]:
         kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
@@ -53,7 +51,14 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         # drop a token once the tokens ranked above it already reach top_p
         drop = probs.cumsum(-1) - probs >= s.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of fp32 logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, s).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

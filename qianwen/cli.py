@@ -1,0 +1,415 @@
+"""`qianwen <command>`: one thin function per command; the work lives in the library and in the stage modules.
+
+Every error a user can cause ends with one line, `error: <sentence>`, and exit status 2 (1 for a download
+that could not reach the Hub or a `run` stage that failed its own check); never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+import qianwen
+from qianwen.generate import Sampling
+from qianwen.tokenizer import DEFAULT_SYSTEM
+
+DTYPES = {"auto": None, "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.tiktoken", "*.txt"]
+CHAT_HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (and resets), /quit ends."
+
+
+class CommandError(Exception):
+    """A command that cannot finish for a reason outside the program (the network, a failed check)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+class PromptTooLong(ValueError):
+    """A chat message that does not fit the model's window even with no history."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse's default prints the whole usage block; one line is easier to read and to test.
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
+# ---------------------------------------------------------------------------
+# Shared options
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (qianwen, HF Qwen2 or Qwen v1)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (default: as stored)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="default 1 = off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR", help="stop strings")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """Options for qianwen.generate/stream, checked now so a bad value fails before any model work."""
+    options = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    Sampling(**options)
+    return {**options, "stop": args.stop or None}
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asks for a GPU but torch sees no CUDA device; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} asks for Apple's GPU but MPS is not available; use --device cpu.")
+    return device
+
+
+def _load(args: argparse.Namespace):
+    return qianwen.load(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+
+
+def _write_stream(deltas: Iterable[str], out=None) -> str:
+    """Print text as it arrives; return all of it."""
+    out = out or sys.stdout
+    parts = []
+    for delta in deltas:
+        out.write(delta)
+        out.flush()
+        parts.append(delta)
+    out.write("\n")
+    out.flush()
+    return "".join(parts)
+
+
+def _read_stdin_prompt() -> str:
+    if sys.stdin.isatty():
+        print("reading the prompt from stdin; end it with Ctrl-D.", file=sys.stderr)
+    text = sys.stdin.read()
+    # `echo text | qianwen generate` adds a newline the user did not mean as part of the prompt.
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+# ---------------------------------------------------------------------------
+# generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    options = _sampling(args)
+    model, tok = _load(args)
+    prompt = args.prompt if args.prompt is not None else _read_stdin_prompt()
+    ids = tok.render_chat([{"role": "user", "content": prompt}]) if args.chat else tok.encode(prompt)
+    # The default stop ids are the chat stops (<|im_end|>, <|im_start|>) plus <|endoftext|>, right for both modes.
+    if args.no_stream:
+        print(qianwen.generate(model, tok, ids, args.max_new_tokens, **options).text)
+    else:
+        _write_stream(qianwen.stream(model, tok, ids, args.max_new_tokens, **options))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# chat
+
+
+class LocalChat:
+    """Replies from a model loaded in this process. A later `--url` backend (a qianwen server) only has
+    to offer the same `reply(messages)` and `prompt_tokens` to plug into `chat_loop`."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, options: dict):
+        window = model.config.max_position_embeddings
+        if max_new_tokens >= window:
+            raise ValueError(
+                f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in this model's "
+                f"{window}-token window; lower it."
+            )
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.max_new_tokens, self.budget = max_new_tokens, window - max_new_tokens
+        self.prompt_tokens = 0
+
+    def reply(self, messages: list[dict]) -> Iterator[str]:
+        ids = self.tokenizer.render_chat(messages, max_tokens=self.budget)
+        if len(ids) > self.budget:
+            raise PromptTooLong(
+                f"that message makes a {len(ids)}-token prompt even without history, but only {self.budget} "
+                f"tokens fit beside --max-new-tokens {self.max_new_tokens}; send something shorter."
+            )
+        self.prompt_tokens = len(ids)
+        return qianwen.stream(self.model, self.tokenizer, ids, self.max_new_tokens, **self.options)
+
+
+def chat_loop(backend, system: str, read_line: Callable[[], str | None], out=None, err=None) -> None:
+    """Read messages and commands until /quit or end of input, streaming each reply to `out`."""
+    out, err = out or sys.stdout, err or sys.stderr
+    history: list[dict] = []
+    while (line := read_line()) is not None:
+        line = line.strip()
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command == "/quit":
+                return
+            system, reset = _chat_command(command, rest.strip(), system, err)
+            if reset:
+                history.clear()
+        elif line:
+            reply = _chat_turn(backend, [{"role": "system", "content": system}, *history], line, out, err)
+            if reply is not None:
+                history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+                print(f"[{backend.prompt_tokens} prompt tokens; {len(history) // 2} turn(s) in history]", file=err)
+
+
+def _chat_command(command: str, rest: str, system: str, err) -> tuple[str, bool]:
+    """The system prompt after a /command, and whether the history is to be cleared."""
+    if command == "/reset":
+        print("[history cleared]", file=err)
+        return system, True
+    if command == "/system" and rest:
+        print(f"[system prompt set to {rest!r}; history cleared]", file=err)
+        return rest, True
+    if command == "/system":
+        print(f"[the system prompt is {system!r}; /system TEXT changes it]", file=err)
+    else:
+        print(f"[unknown command {command}; {CHAT_HELP}]", file=err)
+    return system, False
+
+
+def _chat_turn(backend, messages: list[dict], line: str, out, err) -> str | None:
+    """The reply to one message, or None (nothing kept) when the message does not fit."""
+    try:
+        deltas = backend.reply([*messages, {"role": "user", "content": line}])
+    except PromptTooLong as exc:
+        print(f"error: {exc}", file=err)
+        return None
+    try:
+        return _write_stream(deltas, out)
+    except KeyboardInterrupt:
+        # Ctrl-C stops this reply only; the chat goes on and the reply is not kept.
+        print("\n[reply interrupted]", file=err)
+        return None
+
+
+def _read_line_from_stdin() -> Callable[[], str | None]:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+
+    def read_line() -> str | None:
+        try:
+            return input("> " if interactive else "")
+        except EOFError:
+            return None
+
+    return read_line
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    options = _sampling(args)
+    model, tok = _load(args)
+    backend = LocalChat(model, tok, args.max_new_tokens, options)
+    if sys.stdin.isatty():
+        print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
+    try:
+        chat_loop(backend, args.system, _read_line_from_stdin())
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# convert, download, run
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    src, out = Path(args.src_dir), Path(args.out_dir)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"OUT_DIR {out} is the source directory; give a new directory for the converted copy.")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} is not empty; give a new directory, or --force to overwrite the files in it.")
+    model, tok = qianwen.load(src, dtype=DTYPES[args.dtype])
+    qianwen.save(model, tok, out, metadata={"converted_from": str(src)})
+    written = sorted(p for p in out.iterdir() if p.is_file())
+    print(f"wrote a Hugging Face Qwen2 checkpoint ({model.embed.weight.dtype}, {_count(model)} parameters) to {out}:")
+    for path in written:
+        print(f"  {path.name:28s} {path.stat().st_size / 1e6:10.2f} MB")
+    return 0
+
+
+def _count(model) -> str:
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id=args.repo_id,
+            revision=args.revision,
+            local_dir=args.out_dir,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=["*.py"],  # qianwen never runs a repository's remote code
+        )
+    except Exception as exc:
+        raise CommandError(_download_failure(args, exc)) from None
+    files = sorted(p.name for p in Path(path).iterdir() if p.is_file())
+    print(f"downloaded {len(files)} file(s) of {args.repo_id} to {path}: {', '.join(files)}")
+    print(f"try it: qianwen chat --model {path}")
+    return 0
+
+
+def _download_failure(args: argparse.Namespace, exc: Exception) -> str:
+    """One sentence saying what failed and what to do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f"could not download {args.repo_id}"
+    by_hand = f"check the network, or copy the checkpoint directory to {args.out_dir} by hand"
+    if isinstance(exc, GatedRepoError):
+        return f"{what}: the repository is gated; accept its licence on huggingface.co and log in (`hf auth login`)."
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{what}: no such repository on the Hub (or it is private); check the name, e.g. Qwen/Qwen-1_8B."
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{what}: the repository has no revision {args.revision!r}; check --revision."
+    if constants.HF_HUB_OFFLINE:
+        return f"{what}: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it and {by_hand}."
+    if isinstance(exc, LocalEntryNotFoundError | HfHubHTTPError | OSError):
+        return f"{what}: the Hugging Face Hub is unreachable ({_root_cause(exc)}); {by_hand}."
+    raise exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain (the socket error under the Hub's wrapper), short enough for one line."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 120 else text[:117].rsplit(" ", 1)[0] + "..."
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qianwen.run import RunError, run
+
+    try:
+        run(args.out, seed=args.seed, sample_bytes=args.sample_bytes)
+    except RunError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qianwen", description="The Qwen recipe: tokenizer, model, checkpoints, generation.")
+    parser.add_argument("--version", action="version", version=f"qianwen {qianwen.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("generate", help="complete a prompt")
+    _add_model_options(p)
+    p.add_argument("--prompt", help="the prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a ChatML user turn")
+    p.add_argument("--no-stream", action="store_true", help="print the completion once it is done")
+    _add_sampling_options(p, max_new_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    chat_help = "chat with a model, one message per line of stdin"
+    p = commands.add_parser("chat", help=chat_help, description=f"{chat_help.capitalize()}; {CHAT_HELP}")
+    _add_model_options(p)
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    _add_sampling_options(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("convert", help="write any supported checkpoint as a Hugging Face Qwen2 directory")
+    p.add_argument("src_dir", metavar="SRC_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (default: as stored)")
+    p.add_argument("--force", action="store_true", help="write into OUT_DIR even if it holds files")
+    p.set_defaults(func=cmd_convert)
+
+    p = commands.add_parser("download", help="fetch a checkpoint from the Hugging Face Hub")
+    p.add_argument("repo_id", metavar="REPO_ID", help="e.g. Qwen/Qwen-1_8B")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.set_defaults(func=cmd_download)
+
+    p = commands.add_parser("run", help="run the recipe end to end, as far as it is built")
+    p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sample-bytes",
+        type=_positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="bytes of Python source for the bytes-per-token sample (default 1000000)",
+    )
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror.lower()}."
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return exc.status
+    except BrokenPipeError:
+        # The reader went away (`| head`); say nothing more and keep Python quiet at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as exc:  # CheckpointError and TokenizerError are ValueErrors
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
