@@ -14,7 +14,8 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 from pathlib import Path
 
 import regex
@@ -121,17 +122,30 @@ class Tokenizer:
     @classmethod
     def _from_tiktoken(cls, path: Path) -> Tokenizer:
         ranks: dict[bytes, int] = {}
+        seen: set[int] = set()
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                    token, rank = base64.b64decode(token, validate=True), int(rank)
                 except ValueError:
                     raise TokenizerError(
                         f"{path}:{lineno} is not 'base64(token) rank'; is this a tiktoken vocabulary?"
                     ) from None
+                # tiktoken panics on repeated tokens or ranks, with a PanicException that `except Exception` misses.
+                if token in ranks or rank in seen:
+                    what = f"token {token!r}" if token in ranks else f"rank {rank}"
+                    raise TokenizerError(f"{path}:{lineno} repeats {what}; each token and rank must appear once.")
+                ranks[token] = rank
+                seen.add(rank)
+        missing = sum(bytes([b]) not in ranks for b in range(256))
+        if missing:
+            # Without every single byte, tiktoken panics on the first text that needs a missing one.
+            raise TokenizerError(
+                f"{path} lacks {missing} of the 256 single-byte tokens that byte-level BPE needs; is it empty or truncated?"
+            )
         specials = None
         sidecar = path.with_name("special_tokens.json")
         if sidecar.is_file():
@@ -218,14 +232,11 @@ class Tokenizer:
     def encode_batch(
         self, texts: Sequence[str], allowed_special: Iterable[str] | str = (), num_threads: int = 8
     ) -> list[list[int]]:
-        texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
         allowed = self._allowed(allowed_special)
-        try:
-            return self._enc.encode_batch(
-                texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=()
-            )
-        except ValueError:
-            return [self.encode(t, allowed) for t in texts]
+        # The NFC check runs in the workers, not up front: it holds the GIL but tiktoken's encode
+        # releases it, so one thread's check overlaps another's encoding (serially it cost ~10%).
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(partial(self.encode, allowed_special=allowed), texts))
 
     def _allowed(self, allowed_special) -> set[str]:
         if allowed_special == "all":
@@ -288,8 +299,9 @@ class Tokenizer:
         default_system: str = DEFAULT_SYSTEM,
     ) -> list[int]:
         """ChatML ids for OpenAI-style messages. Message text is encoded with no
-        special tokens allowed. With `max_tokens`, the oldest turns after the
-        system prompt are dropped until the prompt fits (the last turn is kept)."""
+        special tokens allowed. With `max_tokens`, the oldest exchanges (a turn
+        and the assistant replies to it) after the system prompt are dropped
+        until the prompt fits; the system prompt and the last message are kept."""
         turns = [self._turn(i, m) for i, m in enumerate(messages)]
         if not turns or turns[0][0] != "system":
             turns.insert(0, ("system", default_system))
@@ -301,9 +313,16 @@ class Tokenizer:
             cost = [len(b) + len(nl) for b in blocks]
             total = sum(cost) - len(nl) + (len(nl) + len(tail) if tail else 0)
             keep_from = 1
-            while total > max_tokens and keep_from < len(blocks) - 1:
-                total -= cost[keep_from]
-                keep_from += 1
+            while total > max_tokens:
+                # Drop a whole exchange (a turn and the assistant replies to it), never a question
+                # without its answer, and never the exchange that holds the last message.
+                end = keep_from + 1
+                while end < len(turns) and turns[end][0] == "assistant":
+                    end += 1
+                if end >= len(turns):
+                    break
+                total -= sum(cost[keep_from:end])
+                keep_from = end
             blocks = blocks[:1] + blocks[keep_from:]
         ids: list[int] = []
         for i, block in enumerate(blocks):
@@ -353,8 +372,11 @@ class Tokenizer:
         lines = sorted(self.ranks.items(), key=lambda kv: kv[1])
         atomic_write(out / VOCAB_FILE, "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in lines))
         standard = {name: len(self.ranks) + i for i, name in enumerate(SPECIAL_NAMES)}
+        sidecar = out / "special_tokens.json"
         if self.special_tokens != standard:
-            atomic_write(out / "special_tokens.json", json.dumps(self.special_tokens, indent=1))
+            atomic_write(sidecar, json.dumps(self.special_tokens, indent=1))
+        elif sidecar.exists():
+            sidecar.unlink()  # a leftover would override the standard ids on the next load
         write_hf_files(self, out, model_max_length)
 
 

@@ -80,7 +80,9 @@ def test_streamed_multibyte_characters_are_never_broken(tok):
 
 
 def test_prompt_plus_new_tokens_past_the_limit_is_a_clear_error(tok):
-    model = Transformer(ModelConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, max_position_embeddings=16))
+    model = Transformer(
+        ModelConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, max_position_embeddings=16)
+    )
     with pytest.raises(ValueError, match=r"10 tokens and max_new_tokens is 7, 17 in all, past the model's limit of 16"):
         qianwen.generate(model, None, list(range(10)), 7)
 
@@ -109,7 +111,9 @@ def _nucleus_reference(logits: np.ndarray, top_k: int, top_p: float) -> set[int]
 def test_top_k_top_p_keep_exactly_the_reference_set(top_k, top_p):
     logits = np.random.default_rng(top_k).normal(size=(1, 40)).astype(np.float32) * 2
     kept = filter_logits(torch.from_numpy(logits), Sampling(temperature=0.7, top_k=top_k, top_p=top_p))
-    assert set(torch.isfinite(kept[0]).nonzero().flatten().tolist()) == _nucleus_reference(logits[0] / 0.7, top_k, top_p)
+    assert set(torch.isfinite(kept[0]).nonzero().flatten().tolist()) == _nucleus_reference(
+        logits[0] / 0.7, top_k, top_p
+    )
 
 
 def test_samples_follow_the_filtered_distribution():

@@ -19,7 +19,9 @@ from qianwen.model import Transformer, logn_factors, ntk_alpha, ntk_base
 
 CONFIGS = {
     "mha-bias": ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96),
-    "gqa": ModelConfig(vocab_size=1000, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=100),
+    "gqa": ModelConfig(
+        vocab_size=1000, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=100
+    ),
     "odd": ModelConfig(
         vocab_size=517, hidden_size=48, num_layers=2, num_heads=3, head_dim=22, num_kv_heads=1, intermediate_size=77
     ),
@@ -148,9 +150,7 @@ def test_greedy_tokens_match_transformers_generate(name, tmp_path):
     save_model(ours, tmp_path)
     theirs = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     prompt = [5, 17, 300, 42, 7, 99]
-    out = theirs.generate(
-        torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
+    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = out[0, len(prompt) :].tolist()
     assert len(expected) == 32
     assert qianwen.generate(ours, None, prompt, 32, stop_ids=[]).token_ids == expected
@@ -208,7 +208,9 @@ def test_logn_factors_follow_the_spec():
     assert np.allclose(logn_factors(positions, seq).numpy(), expected, atol=1e-6)
 
 
-def naive_forward(model: Transformer, ids: list[int], base: float, logn: bool, windows: list[int] | None) -> torch.Tensor:
+def naive_forward(
+    model: Transformer, ids: list[int], base: float, logn: bool, windows: list[int] | None
+) -> torch.Tensor:
     """Token-by-token loops straight from QWEN_SPEC.md, no shared code with model.py."""
     c = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
@@ -254,7 +256,9 @@ def naive_forward(model: Transformer, ids: list[int], base: float, logn: bool, w
     return rms(x, sd["norm.weight"]) @ sd["lm_head.weight"].T
 
 
-LONG = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40, seq_length=8)
+LONG = dict(
+    vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40, seq_length=8
+)
 
 
 def test_model_matches_naive_reference_with_ntk_logn_and_windows():
@@ -312,7 +316,9 @@ def test_windowed_decoding_matches_windowed_prefill():
 
 
 def test_presets_have_the_report_shapes():
-    shapes = {name: (c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size) for name, c in qianwen.PRESETS.items()}
+    shapes = {
+        name: (c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size) for name, c in qianwen.PRESETS.items()
+    }
     assert shapes["qwen-1.8b"] == (2048, 24, 16, 5504)
     assert shapes["qwen-7b"] == (4096, 32, 32, 11008)
     assert shapes["qwen-14b"] == (5120, 40, 40, 13696)
