@@ -41,6 +41,9 @@ def main() -> int:
         greedy = qianwen.generate(ours, None, ids[0, :8].tolist(), 32, stop_ids=[]).token_ids
         results.append({"check": "32 greedy tokens vs transformers", "pass": greedy == greedy_ref[0, 8:].tolist()})
 
+        graphed = qianwen.generate(ours, None, ids[0, :8].tolist(), 32, stop_ids=[], compile=True).token_ids
+        results.append({"check": "CUDA-graph decoding gives the eager tokens", "pass": graphed == greedy})
+
         compiled = torch.compile(ours)
         diff = (compiled(ids) - ours(ids)).abs().max().item()
         results.append({"check": "torch.compile vs eager (fp32)", "max_abs_diff": diff, "pass": diff <= 1e-4})

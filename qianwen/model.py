@@ -158,7 +158,11 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if isinstance(start, torch.Tensor):  # one decoding step: write in place, attend to every slot
+            self.k[layer].index_copy_(2, start.view(1), k)
+            self.v[layer].index_copy_(2, start.view(1), v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -252,6 +256,39 @@ class _Context:
         return allowed[None, None]
 
 
+class _StepContext:
+    """One new token per row with shapes that never change between steps:
+    attention spans every cache slot under a mask, and the slot is a tensor,
+    so one compiled (or CUDA-graph captured) step serves every position."""
+
+    causal = False
+
+    def __init__(self, model: Transformer, cache: KVCache, slot: torch.Tensor):
+        config, inference = model.config, not model.training
+        self.start = slot
+        positions = cache.seen[:, None]
+        alpha = cache.alpha if inference and config.use_dynamic_ntk else None
+        self.cos, self.sin = model.rotary_tables(positions, 0, 0, alpha)
+        self.logn = None
+        if inference and config.use_logn_attn:
+            self.logn = logn_factors(positions, config.seq_length)[:, :, None, None]
+        keys = torch.arange(cache.max_len, device=slot.device)
+        allowed = keys[None, :] <= slot
+        if cache.valid is not None:
+            cache.valid.index_fill_(1, slot.view(1), True)
+            allowed = allowed & cache.valid
+        self._keys, self._slot, self._allowed = keys, slot, allowed
+        self.windows = config.attention_windows if inference and config.attention_windows else None
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, layer: int) -> torch.Tensor:
+        window = self.windows[layer] if self.windows is not None else None
+        if window not in self._masks:
+            allowed = self._allowed if window is None else self._allowed & (self._keys > self._slot - window)
+            self._masks[window] = allowed[:, None, None, :]
+        return self._masks[window]
+
+
 # ---------------------------------------------------------------------------
 # The model
 
@@ -286,26 +323,31 @@ class Transformer(nn.Module):
 
     def rotary_tables(self, positions: torch.Tensor | None, start: int, end: int, alpha):
         """cos and sin [B, T, 1, head_dim/2] in fp32, for positions [B, T] or,
-        when positions is None, for the range start..end shared by all rows."""
-        D, base = self.config.head_dim, self.config.rope_base
+        when positions is None, for the range start..end shared by all rows.
+        With NTK factors alpha [B], each row gets its own rotary base."""
+        D = self.config.head_dim
         device = self.embed.weight.device
+        if positions is None:
+            positions = torch.arange(start, end, device=device)[None]
         if alpha is not None:
-            if positions is None:
-                positions = torch.arange(start, end, device=device)[None]
-            inv = torch.stack([inverse_frequencies(ntk_base(base, float(a), D), D) for a in alpha.tolist()])
-            freqs = positions.float()[..., None] * inv.to(device)[:, None, :]
+            # the base in float64 then rounded, as a Python-float base would be
+            base = (self.config.rope_base * alpha.double() ** (D / (D - 2))).float()
+            exponents = torch.arange(0, D, 2, dtype=torch.float32, device=device) / D
+            inv = 1.0 / base[:, None] ** exponents
+            freqs = positions.float()[..., None] * inv[:, None, :]
             return freqs.cos()[:, :, None], freqs.sin()[:, :, None]
-        needed = end if positions is None else int(positions.max()) + 1
+        cos, sin = self._rope_table(end if end else self.config.max_position_embeddings)
+        return cos[positions][:, :, None], sin[positions][:, :, None]
+
+    def _rope_table(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.embed.weight.device
         table = self._rope_cache
         if table is None or table[0].shape[0] < needed or table[0].device != device:
             size = max(needed, self.config.max_position_embeddings)
-            inv = inverse_frequencies(base, D).to(device)
+            inv = inverse_frequencies(self.config.rope_base, self.config.head_dim).to(device)
             freqs = torch.outer(torch.arange(size, device=device).float(), inv)
             table = self._rope_cache = (freqs.cos(), freqs.sin())
-        cos, sin = table
-        if positions is None:
-            return cos[None, start:end, None], sin[None, start:end, None]
-        return cos[positions][:, :, None], sin[positions][:, :, None]
+        return table
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] (what the output head reads)."""
@@ -331,4 +373,15 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed.weight
+        self._rope_table(max_len)  # built now, so decoding steps only read it
         return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] for one new token per row [B, 1] written at cache
+        slot `slot` (a 0-dim tensor). Shapes are the same at every step, so this
+        is what `torch.compile` captures; the caller advances the cache."""
+        ctx = _StepContext(self, cache, slot)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i, cache)
+        return self.lm_head(self.norm(x))[:, -1]

@@ -32,11 +32,18 @@ class Scripted(Transformer):
         self.script, self.step = script, 0
 
     def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
-        if cache.length == 0:  # a new prompt
+        if cache is None or cache.length == 0:  # a new prompt
             self.step = 0
-        cache.length += input_ids.shape[1]
-        logits = torch.zeros(input_ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self._next(input_ids.shape[0])[:, None]
+
+    def decode_step(self, tokens, cache, slot):
+        return self._next(tokens.shape[0])
+
+    def _next(self, batch: int) -> torch.Tensor:
+        logits = torch.zeros(batch, self.config.vocab_size)
+        logits[:, self.script[min(self.step, len(self.script) - 1)]] = 1.0
         self.step += 1
         return logits
 

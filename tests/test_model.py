@@ -370,3 +370,31 @@ def test_config_rejects_inconsistent_shapes():
         ModelConfig.from_dict({"hidden_sise": 4})
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("qwen-9b")
+
+
+def test_fixed_shape_decode_step_equals_the_cached_forward():
+    """decode_step is what torch.compile captures; it must agree with the
+    eager path on padding, NTK, LogN and windows."""
+    config = ModelConfig(**LONG, use_dynamic_ntk=True, use_logn_attn=True, attention_windows=[4, 30])
+    model = random_model(config, seed=11)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # the second row is left-padded
+    with torch.no_grad():
+        eager, stepped = model.new_cache(2, 30), model.new_cache(2, 30)
+        model(ids[:, :10], attention_mask=mask, cache=eager)
+        model(ids[:, :10], attention_mask=mask, cache=stepped)
+        for t in range(10, 24):
+            expected = model(ids[:, t : t + 1], cache=eager)[:, -1]
+            got = model.decode_step(ids[:, t : t + 1], stepped, torch.tensor(stepped.length))
+            stepped.length += 1
+            stepped.seen = stepped.seen + 1
+            assert torch.allclose(got, expected, atol=1e-5), t
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    model = random_model(CONFIGS["gqa"], seed=12)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    eager = qianwen.generate(model, None, prompts, 12, stop_ids=[])
+    compiled = qianwen.generate(model, None, prompts, 12, stop_ids=[], compile=True)
+    assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
