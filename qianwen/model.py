@@ -344,9 +344,11 @@ class Transformer(nn.Module):
         table = self._rope_cache
         if table is None or table[0].shape[0] < needed or table[0].device != device:
             size = max(needed, self.config.max_position_embeddings)
-            inv = inverse_frequencies(self.config.rope_base, self.config.head_dim).to(device)
-            freqs = torch.outer(torch.arange(size, device=device).float(), inv)
-            table = self._rope_cache = (freqs.cos(), freqs.sin())
+            # Built as a normal tensor even during generation, so training may reuse it.
+            with torch.inference_mode(False), torch.no_grad():
+                inv = inverse_frequencies(self.config.rope_base, self.config.head_dim).to(device)
+                freqs = torch.outer(torch.arange(size, device=device).float(), inv)
+                table = self._rope_cache = (freqs.cos(), freqs.sin())
         return table
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:

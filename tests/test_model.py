@@ -398,3 +398,12 @@ def test_compiled_decoding_gives_the_eager_tokens():
     eager = qianwen.generate(model, None, prompts, 12, stop_ids=[])
     compiled = qianwen.generate(model, None, prompts, 12, stop_ids=[], compile=True)
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
+
+
+def test_training_after_generation():
+    """PPO generates, then trains: state built while generating must not be inference-only."""
+    model = random_model(CONFIGS["mha-bias"], seed=13)
+    qianwen.generate(model, None, [1, 2, 3], 4, stop_ids=[])
+    model.train()
+    model(torch.tensor([[1, 2, 3, 4]])).sum().backward()
+    assert model.embed.weight.grad is not None
