@@ -90,6 +90,8 @@ def main(argv=None) -> None:
                     "seconds": round(result["seconds"], 2),
                 }
             )
+    for row in rows:
+        print(json.dumps(row))
     write_result("load_memory", rows, "python -m benchmarks.bench_load " + " ".join(sys.argv[1:]))
 
 

@@ -12,7 +12,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import qianwen
@@ -20,6 +19,7 @@ from benchmarks.common import best_time, write_result
 from qianwen.checkpoint import config_to_qwen2, qwen2_state_dict
 from qianwen.config import preset
 from qianwen.model import Transformer
+from qianwen.train.loss import linear_cross_entropy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,9 +55,9 @@ def train_rate(model, batch: int, seq: int, ours: bool, steps: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
 
     def step():
-        if ours:
-            logits = model(ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        if ours:  # qianwen's training loss: hidden states through the fused projection + cross-entropy
+            core = getattr(model, "_orig_mod", model)
+            loss = linear_cross_entropy(model.hidden_states(ids[:, :-1]), core.lm_head.weight, ids[:, 1:])
         else:
             loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts the labels itself
         loss.backward()
@@ -106,6 +106,14 @@ def prefill_rate(ours, theirs, length: int) -> tuple[float, float]:
             theirs(ids, use_cache=True, logits_to_keep=1)
 
     return length / best_time(run_ours, repeats=5), length / best_time(run_theirs, repeats=5)
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> float:
+    """GFLOP/s of one large square matmul: the ceiling the model's matmuls can approach."""
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, repeats=5) / 1e9
 
 
 def train_row(base: dict, args, task: str, a: float, b: float, **extra) -> dict:
@@ -202,7 +210,8 @@ def main(argv=None) -> None:
             report(train_row(base, args, "train_step_compiled", c, d, note="both torch.compile'd"))
         del ours, theirs
     command = "python -m benchmarks.bench_model " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_result(args.name, rows, command)
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    write_result(args.name, rows, command, notes=f"matmul_peak_gflops={peak:.0f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""`make bench`: every CPU benchmark, then BENCHMARKS.md rebuilt from the
+results (GPU results come from benchmarks/gpu.sh on a GPU machine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+RUNS = [
+    ["benchmarks.bench_tokenizer"],
+    ["benchmarks.bench_load", "--size-mb", "1000"],
+    ["benchmarks.bench_model", "--only", "train", "decode", "prefill", "decode_compiled"],
+    [
+        "benchmarks.bench_model",
+        "--sizes",
+        "tiny-1m",
+        "--only",
+        "decode",
+        "decode_compiled",
+        "prefill",
+        "--name",
+        "model_tiny1m",
+    ],
+]
+
+
+def main() -> None:
+    for args in RUNS:
+        print("$ python -m", " ".join(args), flush=True)
+        subprocess.run([sys.executable, "-m", *args], check=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.report"], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training pieces shared by pretraining, SFT, reward modelling and PPO."""
