@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -67,7 +69,7 @@ def run(out: str | os.PathLike, seed: int = 0, sample_bytes: int = 1_000_000, lo
     _stage(4, "sample", lambda: sample_stage(*loaded, log), stages, log)
     report = _stage(5, "report", lambda: report_stage(out, seed, stages), stages, log)
     log(f"\nreport: {report}")
-    log(f"chat with the (untrained) model: qianwen chat --model {out / 'base'}")
+    log(f"chat with the (untrained) model: {cli_name()} chat --model {out / 'base'}")
     return report
 
 
@@ -216,6 +218,16 @@ def report_stage(out: Path, seed: int, stages: list[StageResult]):
     return path, f"wrote {path}", {}
 
 
+def cli_name() -> str:
+    """`qianwen` if the shell finds this installation's script, else its path
+    (after `make run` the virtualenv is usually not activated)."""
+    script = Path(sys.executable).with_name("qianwen")
+    found = shutil.which("qianwen")
+    if found and Path(found).resolve() == script.resolve():
+        return "qianwen"
+    return os.path.relpath(script) if script.exists() else "qianwen"
+
+
 def environment() -> dict[str, str]:
     return {
         "python": platform.python_version(),
@@ -269,5 +281,5 @@ def render_report(out: Path, seed: int, stages: list[StageResult]) -> str:
         lines.append("")
     lines += ["## Not built yet", "", "Future stages of `qianwen run`:", ""]
     lines += [f"- **{name}**: {what}" for name, what in NOT_BUILT]
-    lines += ["", "## Next", "", "```", f"qianwen chat --model {out / 'base'}", "```", ""]
+    lines += ["", "## Next", "", "```", f"{cli_name()} chat --model {out / 'base'}", "```", ""]
     return "\n".join(lines)
