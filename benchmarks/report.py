@@ -78,6 +78,7 @@ def main() -> None:
     for name, title in (
         ("model", "CPU fp32, ~10M and ~40M parameters"),
         ("model_tiny1m", "CPU fp32, ~1M parameters"),
+        ("model_train_compiled", "CPU fp32, training step, eager and with torch.compile on both sides"),
         ("gpu_eager", "GPU bf16, Qwen-1.8B shape, eager"),
         ("gpu_compiled_decode", "GPU bf16, Qwen-1.8B shape, decoding with torch.compile + CUDA graphs"),
         ("gpu_compiled_train", "GPU bf16, Qwen-1.8B shape, training step with torch.compile on both sides"),
@@ -85,6 +86,25 @@ def main() -> None:
         result = load(name)
         if result:
             parts.append(model_section(result, title))
+    loss = load("loss")
+    if loss:
+        rows = [
+            [
+                r["case"],
+                f"{r['rows']} x {r['hidden']} -> {r['vocab']}",
+                r["fused_ms"],
+                r["plain_ms"],
+                f"**{r['speed_ratio']}x**",
+                f"{r['largest_logits_mb_fused']} / {r['largest_logits_mb_plain']}",
+            ]
+            for r in loss["rows"]
+        ]
+        parts.append(
+            "## Fused output-projection loss vs `F.cross_entropy(hidden @ weight.T)`\n\n"
+            f"{env_line(loss)}\n\n"
+            + table(["case", "shape", "fused ms", "plain ms", "speed ratio", "largest logits MB fused / plain"], rows)
+            + "\n"
+        )
     analysis = Path(__file__).with_name("ANALYSIS.md")
     if analysis.is_file():
         parts.append(analysis.read_text())
