@@ -154,10 +154,6 @@ class KVCache:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row
         self.alpha: torch.Tensor | None = None  # [B] NTK factor fixed at prefill
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
     def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if isinstance(start, torch.Tensor):  # one decoding step: write in place, attend to every slot
             self.k[layer].index_copy_(2, start.view(1), k)
