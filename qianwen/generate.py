@@ -148,8 +148,7 @@ def token_steps(
         if cache is not None and compile:
             slot = torch.tensor(cache.length, device=device)
             logits = decode(token[:, None], cache, slot).float()
-            cache.length += 1
-            cache.seen = cache.seen + 1
+            cache.advance()
         elif cache is not None:
             # Eager steps attend only to the filled slots, which costs less than the
             # fixed-shape step that compilation needs.

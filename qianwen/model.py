@@ -154,6 +154,11 @@ class KVCache:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row
         self.alpha: torch.Tensor | None = None  # [B] NTK factor fixed at prefill
 
+    def advance(self) -> None:
+        """Account for one token per row written by `Transformer.decode_step`."""
+        self.length += 1
+        self.seen = self.seen + 1
+
     def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if isinstance(start, torch.Tensor):  # one decoding step: write in place, attend to every slot
             self.k[layer].index_copy_(2, start.view(1), k)
@@ -377,7 +382,7 @@ class Transformer(nn.Module):
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per row [B, 1] written at cache
         slot `slot` (a 0-dim tensor). Shapes are the same at every step, so this
-        is what `torch.compile` captures; the caller advances the cache."""
+        is what `torch.compile` captures; the caller then calls `cache.advance()`."""
         ctx = _StepContext(self, cache, slot)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):

@@ -387,8 +387,7 @@ def test_fixed_shape_decode_step_equals_the_cached_forward():
         for t in range(10, 24):
             expected = model(ids[:, t : t + 1], cache=eager)[:, -1]
             got = model.decode_step(ids[:, t : t + 1], stepped, torch.tensor(stepped.length))
-            stepped.length += 1
-            stepped.seen = stepped.seen + 1
+            stepped.advance()
             assert torch.allclose(got, expected, atol=1e-5), t
 
 
