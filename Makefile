@@ -27,6 +27,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-dev
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m benchmarks.run_all
 
 fmt: $(VENV)/.installed-dev
