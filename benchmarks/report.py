@@ -62,6 +62,18 @@ def main() -> None:
             + table(["implementation", "MB/s", "vs raw tiktoken"], rows)
             + f"\n\n{tok['notes']}\n"
         )
+    bpe = load("bpe")
+    if bpe:
+        rows = [
+            [r["impl"], r["seconds"], r["mb_per_s"], f"**{r['speed_vs_hf']}x**", f"{r['speed_vs_rustbpe']}x"]
+            for r in bpe["rows"]
+        ]
+        parts.append(
+            "## BPE training (goal: qianwen's training call within 1.1x of the time of HF tokenizers directly)\n\n"
+            f"{env_line(bpe)}\n\n"
+            + table(["implementation", "seconds", "MB/s", "speed vs HF tokenizers", "speed vs rustbpe"], rows)
+            + f"\n\n{bpe['notes']}\n"
+        )
     mem = load("load_memory")
     if mem:
         rows = [

@@ -8,6 +8,7 @@ import sys
 
 RUNS = [
     ["benchmarks.bench_tokenizer"],
+    ["benchmarks.bench_bpe"],
     ["benchmarks.bench_load", "--size-mb", "1000"],
     ["benchmarks.bench_model", "--only", "train", "decode", "prefill", "decode_compiled"],
     [

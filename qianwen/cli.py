@@ -245,6 +245,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# tokenizer train
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from qianwen.bpe import train
+
+    train(args.input, args.vocab_size, args.out, max_bytes=args.max_bytes, force=args.force)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # convert, download, run
 
 
@@ -331,6 +342,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from qianwen.train.loop import TrainingError
+    from qianwen.train.pretrain import load_config, pretrain
+
+    config, model_section = load_config(args.recipe, args.overrides)
+    try:
+        pretrain(config, model_section, resume=args.resume)
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Parser and entry point
 
@@ -368,6 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     p.set_defaults(func=cmd_download)
 
+    p = commands.add_parser("tokenizer", help="tokenizer tools: `tokenizer train` learns a byte-level BPE vocabulary")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "train",
+        help="learn a byte-level BPE vocabulary with Qwen's pre-tokenizer and special tokens",
+        description="Learn a byte-level BPE vocabulary with Qwen's pre-tokenizer and special tokens; write "
+        "qwen.tiktoken, Hugging Face tokenizer files and bpe.json (training metadata, and bytes per token on "
+        "held-out text for the new vocabulary and for Qwen's).",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="text files or directories (default: this Python's standard-library sources)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, required=True, metavar="N", help="ids in all, the 208 special tokens included"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the vocabulary")
+    p.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N", help="read at most N bytes of text")
+    p.add_argument("--force", action="store_true", help="write into DIR even if it holds files")
+    p.set_defaults(func=cmd_tokenizer_train)
+
     p = commands.add_parser("run", help="run the recipe end to end, as far as it is built")
     p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
     p.add_argument("--seed", type=int, default=0)
@@ -379,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of Python source for the bytes-per-token sample (default 1000000)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser(
+        "pretrain",
+        help="next-token training on `qianwen data prep` shards (one process, or many under torchrun)",
+        description="Settings come from the recipe's [model] and [pretrain] sections, then KEY=VALUE overrides "
+        "(pretrain keys bare, e.g. lr=1e-3 data=runs/x/data; model keys as model.hidden_size=128).",
+    )
+    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

@@ -1,0 +1,153 @@
+"""The shared training loop's pieces against small independent references: the schedule against a numpy
+formula, the optimizer's decay groups, recipes and overrides, and the window sampler."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from qianwen.config import preset
+from qianwen.model import Transformer
+from qianwen.train.data import TokenShards, WindowSampler
+from qianwen.train.loop import LoopConfig, lr_at, make_optimizer
+from qianwen.train.pretrain import PretrainConfig, load_config
+from qianwen.train.recipe import apply_overrides, build, parse_value
+
+
+def reference_lr(step, peak, warmup, total, floor):
+    """Warmup to the peak over `warmup` steps, then half a cosine from the peak to floor * peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = np.clip((step - warmup) / max(1, total - warmup - 1), 0, 1)
+    return peak * floor + peak * (1 - floor) * (1 + np.cos(np.pi * t)) / 2
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    config = LoopConfig(steps=50, lr=3e-4, warmup_steps=5, min_lr_ratio=0.1)
+    got = [lr_at(s, config) for s in range(50)]
+    want = [reference_lr(s, 3e-4, 5, 50, 0.1) for s in range(50)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[4] == pytest.approx(3e-4) and got[-1] == pytest.approx(3e-5)
+    assert all(a >= b for a, b in itertools.pairwise(got[4:]))
+
+
+def test_weight_decay_on_matrices_only():
+    model = Transformer(preset("tiny-1m", vocab_size=64))
+    opt = make_optimizer(model, LoopConfig(), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in plain["params"]} == {"weight", "bias"}
+    assert all(p.ndim == 1 for p in plain["params"]) and all(p.ndim == 2 for p in decayed["params"])
+    assert any(names[id(p)].endswith("qkv.bias") for p in plain["params"])
+    assert any(names[id(p)] == "embed.weight" for p in decayed["params"])
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_override_values_read_as_toml():
+    assert parse_value("3e-4") == 3e-4 and parse_value("12") == 12 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("runs/x") == "runs/x" and parse_value('"a b"') == "a b"
+    merged = apply_overrides({"pretrain": {"lr": 1.0}}, ["lr=2", "model.hidden_size=128"], "pretrain")
+    assert merged == {"pretrain": {"lr": 2}, "model": {"hidden_size": 128}}
+    assert build(LoopConfig, merged["pretrain"], "pretrain").lr == 2.0  # an int where a float goes
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lrr=1", "unknown key(s) ['lrr']"),
+        ("steps=many", "pretrain.steps must be int"),
+        ("compile=1", "pretrain.compile must be bool"),
+        ("nope.x=1", "unknown section 'nope'"),
+        ("justtext", "is not key=value"),
+        ("steps=0", "steps must be at least 1"),
+    ],
+)
+def test_bad_settings_are_one_sentence(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, ["data=somewhere", override])
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "missing.toml"), [])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pretrain\nlr = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(str(bad), [])
+    odd = tmp_path / "odd.toml"
+    odd.write_text("[pretrian]\nlr = 1\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_config(str(odd), [])
+    good = tmp_path / "good.toml"
+    good.write_text('[model]\npreset = "tiny-1m"\n[pretrain]\ndata = "d"\nlr = 1e-3\n[sft]\nlr = 1e-5\n')
+    config, model = load_config(str(good), ["steps=7"])
+    assert isinstance(config, PretrainConfig) and config.lr == 1e-3 and config.steps == 7
+    assert model == {"preset": "tiny-1m"}
+
+
+def write_shards(directory, splits: dict[str, list[np.ndarray]], vocab_size=300, eod_id=299):
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"format": "qianwen-tokens/1", "dtype": "uint32", "vocab_size": vocab_size, "eod_id": eod_id}
+    index["splits"] = {}
+    for split, shards in splits.items():
+        index["splits"][split] = []
+        for i, tokens in enumerate(shards):
+            name = f"{split}-{i:05d}.bin"
+            tokens.astype("<u4").tofile(directory / name)
+            index["splits"][split].append({"file": name, "tokens": len(tokens), "documents": 1})
+    (directory / "index.json").write_text(json.dumps(index))
+
+
+def test_windows_cross_shards_and_cover_an_epoch_once(tmp_path):
+    stream = np.arange(1000) % 299
+    write_shards(tmp_path, {"train": [stream[:333], stream[333:334], stream[334:]]})
+    shards = TokenShards(tmp_path, "train")
+    assert shards.num_tokens == 1000
+    np.testing.assert_array_equal(shards.tokens(330, 340), stream[330:340])
+    sampler = WindowSampler(shards, seq_length=10, seed=3)
+    assert sampler.num_windows == 99
+    starts = sorted(int(sampler.batch(i, 1)[0, 0]) for i in range(99))
+    assert starts == sorted(int(stream[w * 10]) for w in range(99))
+    epoch0 = [sampler.window(i) for i in range(99)]
+    epoch1 = [sampler.window(99 + i) for i in range(99)]
+    assert sorted(epoch0) == list(range(99)) and epoch0 != epoch1
+    batch = sampler.batch(5, 4)
+    assert batch.shape == (4, 11) and batch.dtype == torch.int64
+    np.testing.assert_array_equal(batch[1].numpy(), stream[sampler.window(6) * 10 :][:11])
+
+
+def test_unigram_entropy_matches_counts(tmp_path):
+    tokens = np.array([1, 1, 2, 3, 3, 3, 3, 0])
+    write_shards(tmp_path, {"train": [tokens]}, vocab_size=4, eod_id=0)
+    p = np.array([1, 2, 1, 4]) / 8
+    assert TokenShards(tmp_path, "train").unigram_entropy() == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_shard_problems_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"holds no index\.json"):
+        TokenShards(tmp_path, "train")
+    write_shards(tmp_path, {"train": [np.arange(10)]})
+    (tmp_path / "train-00000.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match="is missing or not 40 bytes"):
+        TokenShards(tmp_path, "train")
+    write_shards(tmp_path, {"train": [np.arange(5)]})
+    with pytest.raises(ValueError, match="fewer than one window"):
+        WindowSampler(TokenShards(tmp_path, "train"), seq_length=8, seed=0)
+
+
+def test_flops_per_token_counts_every_matmul():
+    from qianwen.train.loop import train_flops_per_token
+
+    config = preset("tiny-1m", vocab_size=512)
+    d, f, L, T = config.hidden_size, config.intermediate_size, config.num_layers, 64
+    per_layer = d * 3 * d + 3 * d + d * d + 3 * d * f + 2 * d
+    n = L * per_layer + 512 * d + d  # the output head and final norm; the embedding lookup is no matmul
+    assert train_flops_per_token(config, T) == pytest.approx(6 * n + 6 * L * d * T)
+    assert math.isfinite(train_flops_per_token(preset("qwen-7b"), 2048))
