@@ -10,6 +10,8 @@ RUNS = [
     ["benchmarks.bench_tokenizer"],
     ["benchmarks.bench_bpe"],
     ["benchmarks.bench_load", "--size-mb", "1000"],
+    ["benchmarks.bench_train"],
+    ["benchmarks.bench_train", "--compile", "--name", "train_compiled"],
     ["benchmarks.bench_model", "--only", "train", "decode", "prefill", "decode_compiled"],
     [
         "benchmarks.bench_model",
