@@ -41,7 +41,7 @@ from pathlib import Path
 
 import rustbpe
 
-from qianwen.tokenizer import PATTERN, SPECIAL_NAMES, VOCAB_FILE, Tokenizer
+from qianwen.tokenizer import PATTERN, SPECIAL_NAMES, VOCAB_FILE, Tokenizer, qwen_vocabulary
 from qianwen.util import atomic_write
 
 ENGINE = "rustbpe"
@@ -266,15 +266,6 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ValueError(f"--out {out} is not empty; give a new directory, or --force to overwrite the files in it.")
 
 
-def _qwen_vocabulary() -> Path:
-    from qianwen.run import RunError, qwen_vocabulary
-
-    try:
-        return qwen_vocabulary()
-    except RunError as exc:
-        raise ValueError(str(exc)) from None
-
-
 def _bytes_per_token(tok: Tokenizer, texts: list[str]) -> tuple[int, float]:
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
     return tokens, sum(len(t.encode("utf-8")) for t in texts) / tokens
@@ -312,7 +303,7 @@ def train(
             "without overflow; give a value in that range."
         )
     _check_out_dir(out, force)
-    reference = _qwen_vocabulary()
+    reference = qwen_vocabulary()
 
     corpus = scan(inputs, max_bytes)
     skipped = f", {len(corpus.skipped)} skipped (binary, not UTF-8 or unreadable)" if corpus.skipped else ""

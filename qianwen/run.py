@@ -7,7 +7,6 @@ data prep, pretraining, SFT, reward model, PPO, evaluation, tool use and serving
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shutil
@@ -23,7 +22,7 @@ import torch
 
 import qianwen
 from qianwen.config import preset
-from qianwen.tokenizer import Tokenizer
+from qianwen.tokenizer import Tokenizer, qwen_vocabulary
 from qianwen.util import atomic_write
 
 QWEN_EMBEDDING_ROWS = 151936  # 151,851 ids padded (QWEN_SPEC.md section 1)
@@ -86,18 +85,6 @@ def _stage(index: int, name: str, work: Callable, stages: list[StageResult], log
 
 # ---------------------------------------------------------------------------
 # 1. tokenizer
-
-
-def qwen_vocabulary() -> Path:
-    """The real qwen.tiktoken that the dashscope package ships (found without importing dashscope)."""
-    spec = importlib.util.find_spec("dashscope")
-    path = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken" if spec else None
-    if path is None or not path.is_file():
-        raise RunError(
-            "the Qwen vocabulary comes from the dashscope package, which is missing or has no "
-            "resources/qwen.tiktoken; install it with `pip install 'dashscope>=1.20'`."
-        )
-    return path
 
 
 def stdlib_sample(max_bytes: int) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ both, so `transformers.AutoTokenizer` gives the same ids.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -73,6 +74,18 @@ def _from_unicode(text: str, where: str) -> bytes:
         raise TokenizerError(
             f"{where}: token {text!r} is not byte-level BPE; qianwen reads GPT-2-style byte-level vocabularies only."
         ) from None
+
+
+def qwen_vocabulary() -> Path:
+    """The real qwen.tiktoken that the dashscope package ships (found without importing dashscope)."""
+    spec = importlib.util.find_spec("dashscope")
+    path = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken" if spec else None
+    if path is None or not path.is_file():
+        raise TokenizerError(
+            "the Qwen vocabulary comes from the dashscope package, which is missing or has no "
+            "resources/qwen.tiktoken; install it with `pip install 'dashscope>=1.20'`."
+        )
+    return path
 
 
 class Tokenizer:
