@@ -153,6 +153,32 @@ def main() -> None:
             + table(["case", "shape", "fused ms", "plain ms", "speed ratio", "largest logits MB fused / plain"], rows)
             + "\n"
         )
+    data = load("data")
+    if data:
+        pipeline = [r for r in data["rows"] if r["kind"] == "pipeline"]
+        rows = [
+            [r["impl"], r["documents"], r["mb"], r["seconds"], r["docs_per_s"], r["mb_per_s"], r["kept"]]
+            + [f"**{r['ratio_vs_datatrove']}x**"]
+            for r in pipeline
+        ]
+        minhash = [r for r in data["rows"] if r["kind"] == "minhash"]
+        mh_rows = [
+            [r["library"], r["seconds"], r["docs_per_s"], r["mean_abs_error"]]
+            + [f"{r[k]} ({r[k.replace('flagged', 'theory')]})" for k in ("flagged_at_0.8_up", "flagged_0.6_to_0.8")]
+            + [f"{r['flagged_below_0.6']} ({r['theory_below_0.6']})"]
+            for r in minhash
+        ]
+        parts.append(
+            "## Data prep: normalise + exact dedup + MinHash dedup + filters (goal: >= 1x datatrove)\n\n"
+            f"{env_line(data)}\n\n"
+            + table(["pipeline", "documents", "MB", "seconds", "docs/s", "MB/s", "kept", "vs datatrove"], rows)
+            + f"\n\n{data['notes']}\n\n"
+            + f"MinHash libraries, {minhash[0]['documents']} documents ({minhash[0]['shingles']:,} shingles) and "
+            f"{minhash[0]['pairs']} planted pairs; pairs flagged by 14x8 bands at exact Jaccard >= 0.8, 0.6-0.8 "
+            "and < 0.6, with the S-curve's expectation in brackets:\n\n"
+            + table(["library", "seconds", "docs/s", "mean abs error", ">= 0.8", "0.6-0.8", "< 0.6"], mh_rows)
+            + "\n"
+        )
     analysis = Path(__file__).with_name("ANALYSIS.md")
     if analysis.is_file():
         parts.append(analysis.read_text())

@@ -256,6 +256,31 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# data prep
+
+
+def cmd_data_prep(args: argparse.Namespace) -> int:
+    from time import perf_counter
+
+    from qianwen.data.config import load_config
+    from qianwen.data.prep import prep, summary
+
+    # `--input a b key=value` puts the override among the paths; an item shaped KEY=VALUE that is no file is one.
+    overrides = [i for i in args.input if _is_override(i) and not os.path.exists(i)]
+    inputs = [i for i in args.input if i not in overrides]
+    config = load_config(args.config, overrides + args.overrides)
+    start = perf_counter()
+    stats = prep(inputs, args.tokenizer, args.out, config, workers=args.workers)
+    print(summary(stats, args.out, perf_counter() - start))
+    return 0
+
+
+def _is_override(item: str) -> bool:
+    key, sep, _ = item.partition("=")
+    return bool(sep) and key.replace(".", "_").isidentifier()
+
+
+# ---------------------------------------------------------------------------
 # convert, download, run
 
 
@@ -415,6 +440,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=_positive_int, default=None, metavar="N", help="read at most N bytes of text")
     p.add_argument("--force", action="store_true", help="write into DIR even if it holds files")
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = commands.add_parser("data", help="pretraining data: `data prep` makes token shards from text and code")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "prep",
+        help="normalise, deduplicate, filter and decontaminate a corpus, then tokenise it into shards",
+        description="Normalise, deduplicate (exact and MinHash), filter, decontaminate and tokenise a corpus into "
+        "uint32 shards with OUT/index.json and OUT/stats.json; a rerun resumes from finished shards. Settings come "
+        "from --config, then KEY=VALUE overrides such as filters.profile=code or pack.val_fraction=0.05.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="files or directories of text, code, JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet "
+        "(default: this Python's standard-library sources)",
+    )
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding qwen.tiktoken")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the shards")
+    p.add_argument("--config", metavar="FILE", help="TOML config (sections read, normalize, ..., pack)")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="worker processes (default min(CPUs, 4); 0 = none)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_data_prep)
 
     p = commands.add_parser("run", help="run the recipe end to end, as far as it is built")
     p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
