@@ -1,10 +1,22 @@
-"""Model shapes: a dataclass for the architecture and the named presets."""
+"""Model shapes (a dataclass for the architecture, the named presets) and recipes (TOML + overrides)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 @dataclass
@@ -134,3 +146,100 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name].replace(**overrides)
+
+
+# ---------------------------------------------------------------------------
+# Recipes: TOML files of sections, one dataclass per section, `key=value` overrides from the command line.
+# A whole-run recipe holds the sections of every stage; each command reads its own and checks every key,
+# so a misspelt key is an error naming the valid ones, never silently ignored.
+
+SECTIONS = ("run", "model", "tokenizer", "data", "pretrain", "sft", "rm", "ppo", "eval")
+
+
+def read_toml(path: str | os.PathLike, flag: str) -> dict:
+    """A TOML file as nested dicts; a missing or malformed file is one sentence naming `flag`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; pass a TOML file to {flag} (see qianwen/recipes/ for examples).")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid TOML ({exc}); fix the file.") from None
+
+
+def load_recipe(path: str | os.PathLike | None) -> dict:
+    """A whole-run recipe ({} with no file); its top-level tables must be known sections."""
+    if path is None:
+        return {}
+    recipe = read_toml(path, "--recipe")
+    unknown = sorted(set(recipe) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"recipe {path} has unknown section(s) {unknown}; valid sections are {list(SECTIONS)}.")
+    return recipe
+
+
+def parse_value(text: str) -> object:
+    """A command-line value as TOML reads it (numbers, booleans, lists, quoted strings, inf), else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(recipe: dict, overrides: Sequence[str], default_section: str) -> dict:
+    """`section.key=value`, or a key of `default_section` (dotted into its sub-tables), merged over a copy."""
+    merged = copy.deepcopy(recipe)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"override {item!r} is not key=value; write e.g. lr=3e-4 or model.hidden_size=256.")
+        section = parts.pop(0) if len(parts) > 1 and parts[0] in SECTIONS else default_section
+        table = merged.setdefault(section, {})
+        for name in parts[:-1]:
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {item!r}: {name} is not a section; override the keys inside it.")
+        table[parts[-1]] = parse_value(text.strip())
+    return merged
+
+
+def build(cls: type, values: dict, where: str = ""):
+    """An instance of dataclass `cls` (nested dataclasses included) with every key and type checked."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        scope = f"[{where}]" if where else "the top level"
+        raise ValueError(
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}; valid keys in {scope} are "
+            f"{', '.join(sorted(fields))}."
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {name} is a section; give keys inside it, e.g. {name}.enabled=false.")
+            kwargs[key] = build(hints[key], value, name)
+        else:
+            kwargs[key] = _check_type(value, hints[key], name)
+    return cls(**kwargs)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+
+
+def _check_type(value: object, hint: object, name: str) -> object:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            if isinstance(value, list):
+                return [_check_type(v, item, f"{name} item") for v in value]
+        elif option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        elif isinstance(value, option) and (option is bool or not isinstance(value, bool)):
+            return value
+    kind = " or ".join(_KINDS.get(o, "a list") for o in options)
+    raise ValueError(f"config key {name} must be {kind}, got {value!r}; fix the config or the override.")

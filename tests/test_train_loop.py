@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from qianwen.config import preset
+from qianwen.config import apply_overrides, build, parse_value, preset
 from qianwen.model import Transformer
 from qianwen.train.data import TokenShards, WindowSampler
 from qianwen.train.loop import LoopConfig, lr_at, make_optimizer
 from qianwen.train.pretrain import PretrainConfig, load_config
-from qianwen.train.recipe import apply_overrides, build, parse_value
 
 
 def reference_lr(step, peak, warmup, total, floor):
@@ -61,10 +60,10 @@ def test_override_values_read_as_toml():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("lrr=1", "unknown key(s) ['lrr']"),
-        ("steps=many", "pretrain.steps must be int"),
-        ("compile=1", "pretrain.compile must be bool"),
-        ("nope.x=1", "unknown section 'nope'"),
+        ("lrr=1", "unknown config key pretrain.lrr; valid keys in [pretrain] are "),
+        ("steps=many", "config key pretrain.steps must be an integer, got 'many'"),
+        ("compile=1", "config key pretrain.compile must be true or false, got 1"),
+        ("nope.x=1", "unknown config key pretrain.nope; valid keys in [pretrain] are "),
         ("justtext", "is not key=value"),
         ("steps=0", "steps must be at least 1"),
     ],
@@ -75,7 +74,7 @@ def test_bad_settings_are_one_sentence(override, message):
 
 
 def test_recipe_file_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist; pass a TOML file to --recipe"):
         load_config(str(tmp_path / "missing.toml"), [])
     bad = tmp_path / "bad.toml"
     bad.write_text("[pretrain\nlr = 1")

@@ -10,19 +10,12 @@ names the valid keys.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from qianwen.config import apply_overrides, build, read_toml
 from qianwen.data.filters import Thresholds, code_thresholds
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PROFILES = ("auto", "text", "code")
 CODE_SUFFIXES = [
@@ -144,76 +137,11 @@ class PrepConfig:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> PrepConfig:
-    """The defaults, updated by the TOML file at `path` and then by `key=value` overrides."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config {path} does not exist; pass a TOML file to --config.")
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"config {path} is not valid TOML ({exc}); fix the file.") from None
-        if isinstance(values.get("data"), dict):
-            values = values["data"]
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().removeprefix("data.")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value; write e.g. filters.text.min_words=20.")
-        *sections, name = key.split(".")
-        table = values
-        for section in sections:
-            table = table.setdefault(section, {})
-            if not isinstance(table, dict):
-                raise ValueError(
-                    f"override {item!r}: {section} is not a section; see the keys in qianwen/data/config.py."
-                )
-        table[name] = _parse_value(text.strip())
-    config = _build(PrepConfig, values, "")
+    """The defaults, updated by the TOML file at `path` (a prep config, or a whole-run recipe whose [data]
+    table holds it) and then by `key=value` overrides (`data.` prefix optional)."""
+    values = read_toml(path, "--config") if path is not None else {}
+    if isinstance(values.get("data"), dict):
+        values = values["data"]
+    config = build(PrepConfig, apply_overrides({"data": values}, overrides, "data")["data"])
     config.check()
     return config
-
-
-def _parse_value(text: str) -> object:
-    """A command-line value as TOML reads it (numbers, booleans, lists, quoted strings, inf), else the text."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _build(cls: type, values: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        section = f"[{where}]" if where else "the top level"
-        raise ValueError(
-            f"unknown config key {where + '.' if where else ''}{unknown[0]}; valid keys in {section} are "
-            f"{', '.join(sorted(fields))}."
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        name = f"{where}.{key}" if where else key
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {name} is a section; give keys inside it, e.g. {name}.enabled=false.")
-            kwargs[key] = _build(hint, value, name)
-        else:
-            kwargs[key] = _check_type(value, hint, name)
-    return cls(**kwargs)
-
-
-def _check_type(value: object, hint: object, name: str) -> object:
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, list):
-            return [_check_type(v, item, f"{name} item") for v in value]
-    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
-        return value
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list")
-    raise ValueError(f"config key {name} must be {kind}, got {value!r}; fix the config or the override.")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qianwen
-from qianwen.config import ModelConfig, preset
+from qianwen.config import ModelConfig, apply_overrides, build, load_recipe, preset
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.data import TokenShards, WindowSampler
@@ -33,7 +33,6 @@ from qianwen.train.loop import (
     write_model_dir,
 )
 from qianwen.train.loss import linear_cross_entropy
-from qianwen.train.recipe import apply_overrides, build, load_recipe
 
 FUSED_LOSS_VOCAB = 32768  # from here up the fused loss saves memory at no cost in speed (benchmarks/bench_loss.py)
 EVAL_CHUNK = 512  # positions per logits chunk when evaluating
