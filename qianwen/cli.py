@@ -359,10 +359,11 @@ def _root_cause(exc: BaseException) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from qianwen.run import RunError, run
+    from qianwen.train.loop import TrainingError
 
     try:
-        run(args.out, seed=args.seed, sample_bytes=args.sample_bytes)
-    except RunError as exc:
+        run(args.out, recipe=args.recipe, overrides=args.overrides, seed=args.seed)
+    except (RunError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
     return 0
 
@@ -468,16 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_data_prep)
 
-    p = commands.add_parser("run", help="run the recipe end to end, as far as it is built")
+    p = commands.add_parser(
+        "run",
+        help="run the recipe end to end, as far as it is built",
+        description="Tokenizer, data, pretraining, a sample and the report card, into OUT; finished stages are "
+        "skipped on a re-run. Override recipe keys as SECTION.KEY=VALUE, e.g. pretrain.steps=50.",
+    )
+    p.add_argument("--recipe", default="tiny", help="a recipe name in qianwen/recipes/ or a .toml path (default tiny)")
     p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--sample-bytes",
-        type=_positive_int,
-        default=1_000_000,
-        metavar="N",
-        help="bytes of Python source for the bytes-per-token sample (default 1000000)",
-    )
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_run)
 
     p = commands.add_parser(

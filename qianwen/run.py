@@ -1,37 +1,35 @@
 """`qianwen run`: the recipe end to end, as far as it is built today.
 
-Stages meet through files in the run directory (DESIGN.md): tokenizer/, base/, report.md. Today's path
-is tokenizer -> untrained tiny model -> checkpoint round trip -> a streamed sample -> the report card;
-data prep, pretraining, SFT, reward model, PPO, evaluation, tool use and serving are future stages.
+Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> report.md.
+A stage whose outputs are complete is skipped on a re-run, and an interrupted pretraining resumes from its
+newest checkpoint. The recipe (qianwen/recipes/tiny.toml by default) holds one section per stage; any key
+can be overridden as `section.key=value`. SFT, reward model, PPO, evaluation, tool use and serving are
+future stages, listed in the report as not built.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import qianwen
-from qianwen.config import preset
-from qianwen.tokenizer import Tokenizer, qwen_vocabulary
+from qianwen.config import apply_overrides, load_recipe
 from qianwen.util import atomic_write
 
-QWEN_EMBEDDING_ROWS = 151936  # 151,851 ids padded (QWEN_SPEC.md section 1)
-SAMPLE_PROMPT = "Give me a short introduction to large language models."
-SAMPLE_TOKENS = 32
-HELD_OUT_BUCKET = 7  # crc32(path) % 10: a fixed tenth of the stdlib, whatever files this Python ships
+RECIPES = Path(__file__).parent / "recipes"
+SAMPLE_PROMPT = "def fibonacci(n):\n"
+SAMPLE_TOKENS = 48
 NOT_BUILT = [
-    ("data prep", "read, normalise, deduplicate (exact + MinHash), filter, decontaminate, tokenise and pack shards"),
-    ("pretraining", "next-token training with AdamW and a cosine schedule, checkpoint/resume, FSDP2"),
     ("SFT", "ChatML fine-tuning with the loss mask of QWEN_SPEC.md section 4"),
     ("reward model", "preference-model pretraining, then fine-tuning on high-quality pairs"),
     ("PPO", "policy, value, reference and reward models; KL 0.04; PPO-ptx"),
@@ -51,158 +49,229 @@ class StageResult:
     seconds: float
     summary: str
     details: dict = field(default_factory=dict)
+    skipped: bool = False
 
 
 Log = Callable[..., None]
+STAGES = ("tokenizer", "data", "pretrain", "sample", "report")
 
 
-def run(out: str | os.PathLike, seed: int = 0, sample_bytes: int = 1_000_000, log: Log = print) -> Path:
-    """Run every stage that exists into `out`; return the report's path."""
+def recipe_path(name: str) -> Path:
+    """A recipe by name (tiny) or path (my.toml)."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = RECIPES / f"{name}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in RECIPES.glob("*.toml"))
+            raise ValueError(f"unknown recipe {name!r}; use one of {known} or a path to a .toml file.")
+    return path
+
+
+def run(
+    out: str | os.PathLike,
+    recipe: str = "tiny",
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    log: Log = print,
+) -> Path:
+    """Run every built stage into `out`, skipping the ones already complete; return the report's path."""
     out = Path(out)
+    path = recipe_path(recipe)
+    sections = apply_overrides(load_recipe(path), overrides, default_section="run")
+    unknown = sorted(set(sections.get("run", {})))
+    if unknown:
+        raise ValueError(
+            f"unknown run key(s) {unknown}; prefix a stage's keys with its section, e.g. pretrain.steps=10."
+        )
+    check_sections(sections, out, seed)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"qianwen run -> {out} (seed {seed})")
+    log(f"qianwen run -> {out} (recipe {path}, seed {seed})")
     stages: list[StageResult] = []
-    tok = _stage(1, "tokenizer", lambda: tokenizer_stage(out, sample_bytes, log), stages, log)
-    model = _stage(2, "model", lambda: model_stage(out, tok, seed, log), stages, log)
-    loaded = _stage(3, "reload", lambda: reload_stage(out, model, tok), stages, log)
-    _stage(4, "sample", lambda: sample_stage(*loaded, log), stages, log)
-    report = _stage(5, "report", lambda: report_stage(out, seed, stages), stages, log)
+    steps = [
+        lambda: tokenizer_stage(out, sections.get("tokenizer", {}), log),
+        lambda: data_stage(out, sections, log),
+        lambda: pretrain_stage(out, sections, seed, log),
+        lambda: sample_stage(out, log),
+        lambda: report_stage(out, path, seed, stages),
+    ]
+    report = None
+    for index, (name, work) in enumerate(zip(STAGES, steps), 1):
+        log(f"[{index}/{len(STAGES)}] {name}")
+        start = time.perf_counter()
+        report, summary, details, skipped = work()
+        seconds = time.perf_counter() - start
+        stages.append(StageResult(name, seconds, summary, details, skipped))
+        log(f"      {summary}  ({'done before, skipped' if skipped else f'{seconds:.1f}s'})")
     log(f"\nreport: {report}")
-    log(f"chat with the (untrained) model: {cli_name()} chat --model {out / 'base'}")
+    log(f"sample from the model: {cli_name()} generate --model {out / 'base'} --prompt 'def main():'")
     return report
 
 
-def _stage(index: int, name: str, work: Callable, stages: list[StageResult], log: Log):
-    """Time one stage and print its one-line result."""
-    log(f"[{index}/5] {name}")
-    start = time.perf_counter()
-    value, summary, details = work()
-    seconds = time.perf_counter() - start
-    stages.append(StageResult(name, seconds, summary, details))
-    log(f"      {summary}  ({seconds:.1f}s)")
-    return value
-
-
 # ---------------------------------------------------------------------------
-# 1. tokenizer
+# 1. tokenizer, 2. data, 3. pretrain
 
 
-def stdlib_sample(max_bytes: int) -> list[tuple[str, str]]:
-    """(relative path, text) of held-out standard-library sources, in path order, about max_bytes in all."""
-    root = Path(os.__file__).parent
-    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-    sample, total = [], 0
-    for path in paths:
-        rel = path.relative_to(root).as_posix()
-        if zlib.crc32(rel.encode()) % 10 != HELD_OUT_BUCKET:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        sample.append((rel, text))
-        total += len(text.encode("utf-8"))
-        if total >= max_bytes:
-            break
-    if not sample:
-        raise RunError(f"found no Python sources under {root} to measure the tokenizer on.")
-    return sample
+TOKENIZER_KEYS = {"vocab_size": 8192, "max_bytes": None, "inputs": []}
 
 
-def tokenizer_stage(out: Path, sample_bytes: int, log: Log):
-    vocab = qwen_vocabulary()
-    tok = Tokenizer.from_file(vocab)
-    log(f"      loaded {tok.vocab_size:,} ids from {vocab}; writing {out / 'tokenizer'}")
-    tok.save(out / "tokenizer")
-    sample = stdlib_sample(sample_bytes)
-    texts = [text for _, text in sample]
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    log(f"      encoding {n_bytes / 1e6:.2f} MB of held-out stdlib source ({len(texts)} files)")
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
-    bpt = n_bytes / n_tokens
-    summary = f"Qwen vocabulary, {tok.vocab_size:,} ids; {bpt:.3f} bytes/token on {n_bytes / 1e6:.2f} MB of Python"
-    details = {
-        "vocabulary": str(vocab),
-        "ids": tok.vocab_size,
-        "sample files": len(texts),
-        "sample bytes": n_bytes,
-        "sample tokens": n_tokens,
-        "bytes per token": round(bpt, 4),
-        "first sample files": ", ".join(rel for rel, _ in sample[:5]),
+def check_sections(sections: dict, out: Path, seed: int) -> None:
+    """Every stage's settings, checked before the first stage starts, so a typo fails in a second, not later."""
+    from qianwen.config import preset
+
+    unknown = sorted(set(sections.get("tokenizer", {})) - set(TOKENIZER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown tokenizer key(s) {unknown}; valid keys are {sorted(TOKENIZER_KEYS)}.")
+    prep_config(sections)
+    pretrain_config(sections, out, seed)
+    model = dict(sections.get("model", {}))
+    preset(model.pop("preset", "tiny-10m"), **model)
+
+
+def prep_config(sections: dict):
+    from qianwen.config import build
+    from qianwen.data.config import PrepConfig
+
+    section = {k: v for k, v in sections.get("data", {}).items() if k != "inputs"}
+    config = build(PrepConfig, section, "data")
+    config.check()
+    return config
+
+
+def pretrain_config(sections: dict, out: Path, seed: int):
+    from qianwen.config import build
+    from qianwen.train.pretrain import PretrainConfig
+
+    section = {**sections.get("pretrain", {}), "data": str(out / "data"), "out": str(out)}
+    section.setdefault("seed", seed)
+    return build(PretrainConfig, section, "pretrain")
+
+
+def tokenizer_stage(out: Path, section: dict, log: Log):
+    from qianwen.bpe import train
+
+    directory = out / "tokenizer"
+    done = directory / "bpe.json"
+    skipped = done.is_file()
+    if not skipped:
+        settings = dict(section)
+        vocab_size = settings.pop("vocab_size", 8192)
+        max_bytes = settings.pop("max_bytes", None)
+        inputs = settings.pop("inputs", [])
+        if settings:
+            raise ValueError(
+                f"unknown tokenizer key(s) {sorted(settings)}; valid keys are inputs, max_bytes, vocab_size."
+            )
+        train(inputs, vocab_size, directory, max_bytes=max_bytes, force=True, log=lambda *a, **k: log("     ", *a, **k))
+    meta = json.loads(done.read_text())
+    held = meta.get("held_out") or {}
+    summary = f"{meta['vocab_size']:,} ids trained on {meta['corpus']['train_bytes'] / 1e6:.1f} MB"
+    if held.get("bytes_per_token"):
+        summary += (
+            f"; {held['bytes_per_token']:.3f} bytes/token on held-out text "
+            f"(Qwen's 151,851 ids: {held['qwen_bytes_per_token']:.3f})"
+        )
+    return None, summary, _flatten(meta), skipped
+
+
+def data_stage(out: Path, sections: dict, log: Log):
+    from qianwen.config import build
+    from qianwen.data.config import PrepConfig
+    from qianwen.data.prep import prep, summary
+
+    directory = out / "data"
+    skipped = (directory / "index.json").is_file()
+    if not skipped:
+        section = dict(sections.get("data", {}))
+        inputs = section.pop("inputs", [])
+        config = build(PrepConfig, section, "data")
+        config.check()
+        start = time.perf_counter()
+        stats = prep(inputs, out / "tokenizer", directory, config)
+        for line in summary(stats, directory, time.perf_counter() - start).splitlines():
+            log(f"      {line}")
+    stats = json.loads((directory / "stats.json").read_text())
+    train, val = stats["output"]["train"], stats["output"]["val"]
+    removed = {
+        name: sum(stage["removed"].values()) for name, stage in stats["stages"].items() if stage.get("enabled", True)
     }
-    return tok, summary, details
-
-
-# ---------------------------------------------------------------------------
-# 2. model, 3. reload
-
-
-def model_stage(out: Path, tok: Tokenizer, seed: int, log: Log):
-    config = preset("tiny-1m", vocab_size=QWEN_EMBEDDING_ROWS)
-    model = qianwen.Transformer(config)
-    model.init_weights(seed)
-    model.eval()
-    log(f"      tiny-1m with Qwen's {QWEN_EMBEDDING_ROWS:,}-row embeddings; saving {out / 'base'}")
-    qianwen.save(model, tok, out / "base", metadata={"run": {"stage": "init", "seed": seed, "trained_tokens": 0}})
-    size = sum(p.stat().st_size for p in (out / "base").iterdir() if p.is_file())
-    body = config.num_params - 2 * config.vocab_size * config.hidden_size
-    summary = (
-        f"tiny-1m, {config.num_params / 1e6:.2f}M parameters ({body / 1e6:.2f}M outside the embeddings), "
-        f"untrained (seed {seed}); {size / 1e6:.1f} MB on disk"
+    summary_line = (
+        f"{stats['read']['documents']:,} documents read, {train['documents']:,} kept for training "
+        f"({train['tokens']:,} tokens) and {val['documents']:,} for validation ({val['tokens']:,} tokens); removed "
+        + ", ".join(f"{name} {n}" for name, n in removed.items())
     )
+    details = {"malformed records": stats["read"]["malformed"]}
+    for name, stage in stats["stages"].items():
+        details[name] = (
+            f"{stage['documents_in']:,} -> {stage['documents_out']:,} documents "
+            f"({', '.join(f'{r} {n}' for r, n in stage['removed'].items()) or 'none removed'})"
+        )
+    return None, summary_line, details, skipped
+
+
+def pretrain_stage(out: Path, sections: dict, seed: int, log: Log):
+    from qianwen.config import build
+    from qianwen.train.pretrain import PretrainConfig, pretrain
+
+    section = {**sections.get("pretrain", {}), "data": str(out / "data"), "out": str(out)}
+    section.setdefault("seed", seed)
+    config = build(PretrainConfig, section, "pretrain")
+    meta_path = out / "base" / "qianwen.json"
+    metrics = out / "metrics" / "pretrain.jsonl"
+    skipped = meta_path.is_file() and json.loads(meta_path.read_text()).get("stage") == "pretrain"
+    if not skipped:
+        resume = (out / "checkpoints" / "pretrain" / "latest").is_file()
+        if resume:
+            log("      resuming from the newest checkpoint")
+        pretrain(config, dict(sections.get("model", {})), resume=resume)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    meta = json.loads(meta_path.read_text())
+    entropy = meta.get("unigram_entropy")
+    last = train[-1]
+    summary = (
+        f"{last['step']} steps, {last['tokens']:,} tokens; train loss {train[0]['loss']:.2f} -> {last['loss']:.2f}"
+    )
+    if val:
+        summary += f", validation loss {val[-1]['val_loss']:.3f} ({val[-1]['val_bpb']:.3f} bits/byte)"
+    if entropy:
+        summary += f" vs the data's unigram entropy {entropy:.3f}"
     details = {
-        "preset": "tiny-1m",
-        "parameters": config.num_params,
-        "parameters outside the embeddings": body,
-        "hidden/layers/heads": f"{config.hidden_size}/{config.num_layers}/{config.num_heads}",
-        "vocab_size": config.vocab_size,
-        "directory": str(out / "base"),
-        "bytes on disk": size,
+        "model": meta["model"],
+        "parameters": f"{qianwen.ModelConfig.from_dict(meta['model']).num_params:,}",
+        "tokens/s (last logged step)": last["tokens_per_s"],
+        "MFU (last logged step)": last.get("mfu"),
+        "validation": [{k: r[k] for k in ("step", "val_loss", "val_bpb")} for r in val],
+        "metrics": str(metrics),
     }
-    return model, summary, details
-
-
-@torch.inference_mode()
-def reload_stage(out: Path, model: qianwen.Transformer, tok: Tokenizer):
-    loaded, loaded_tok = qianwen.load(out / "base")
-    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n# 千问"
-    ids = tok.encode(text)
-    if loaded_tok.encode(text) != ids:
-        raise RunError(f"the tokenizer saved in {out / 'base'} encodes differently from the one in memory.")
-    x = torch.tensor([ids])
-    diff = (loaded(x) - model(x)).abs().max().item()
-    if diff > 1e-5:
-        raise RunError(f"the reloaded model's logits differ by {diff:.3g} from the model in memory; saving is broken.")
-    summary = f"reloaded {out / 'base'}: max abs logit difference {diff:.3g} over {len(ids)} tokens"
-    return (loaded, loaded_tok), summary, {"tokens compared": len(ids), "max abs logit difference": diff}
+    return None, summary, details, skipped
 
 
 # ---------------------------------------------------------------------------
 # 4. sample, 5. report
 
 
-def sample_stage(model: qianwen.Transformer, tok: Tokenizer, log: Log):
-    prompt = tok.render_chat([{"role": "user", "content": SAMPLE_PROMPT}])
-    log(f"      user: {SAMPLE_PROMPT}")
-    log("      the weights are untrained, so this reply is noise:")
-    log("      assistant: ", end="", flush=True)
+def sample_stage(out: Path, log: Log):
+    model, tok = qianwen.load(out / "base")
+    ids = tok.encode(SAMPLE_PROMPT)
+    log(f"      greedy completion of {SAMPLE_PROMPT!r} by the pretrained model:")
+    log("      " + SAMPLE_PROMPT.rstrip(), end="", flush=True)
     start = time.perf_counter()
     parts = []
-    for delta in qianwen.stream(model, tok, prompt, SAMPLE_TOKENS, stop_ids=[]):
+    for delta in qianwen.stream(model, tok, ids, SAMPLE_TOKENS, stop_ids=[tok.eod_id]):
         parts.append(delta)
-        log(delta, end="", flush=True)
+        log(delta.replace("\n", "\n      "), end="", flush=True)
     seconds = time.perf_counter() - start
     log()
-    rate = SAMPLE_TOKENS / seconds
-    summary = f"{SAMPLE_TOKENS} greedy tokens from a ChatML prompt at {rate:.0f} tokens/s with prefill (noise: untrained weights)"
-    details = {"prompt tokens": len(prompt), "tokens/s": round(rate, 1), "text": "".join(parts)}
-    return None, summary, details
+    rate = len(tok.encode("".join(parts))) / seconds
+    summary = f"greedy completion of a Python prompt from base/, about {rate:.0f} tokens/s"
+    return None, summary, {"prompt": SAMPLE_PROMPT, "text": SAMPLE_PROMPT + "".join(parts)}, False
 
 
-def report_stage(out: Path, seed: int, stages: list[StageResult]):
+def report_stage(out: Path, recipe: Path, seed: int, stages: list[StageResult]):
     path = out / "report.md"
-    atomic_write(path, render_report(out, seed, stages))
-    return path, f"wrote {path}", {}
+    atomic_write(path, render_report(out, recipe, seed, stages))
+    return path, f"wrote {path}", {}, False
 
 
 def cli_name() -> str:
@@ -240,11 +309,21 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def render_report(out: Path, seed: int, stages: list[StageResult]) -> str:
+def _flatten(meta: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key} "))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def render_report(out: Path, recipe: Path, seed: int, stages: list[StageResult]) -> str:
     lines = [
         "# qianwen run report",
         "",
-        f"Run directory `{out}`, seed {seed}, finished {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"Run directory `{out}`, recipe `{recipe.name}`, seed {seed}, finished {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "",
         "## Environment",
         "",
@@ -256,17 +335,20 @@ def render_report(out: Path, seed: int, stages: list[StageResult]) -> str:
         "",
         "| stage | time | result |",
         "|---|---|---|",
-        *(f"| {i}. {s.name} | {s.seconds:.1f} s | {s.summary} |" for i, s in enumerate(stages, 1)),
+        *(
+            f"| {i}. {s.name} | {'earlier run' if s.skipped else f'{s.seconds:.1f} s'} | {s.summary} |"
+            for i, s in enumerate(stages, 1)
+        ),
         "",
     ]
     for i, stage in enumerate(stages, 1):
         lines += [f"### {i}. {stage.name}", ""]
         lines += [f"- {key}: {value}" for key, value in stage.details.items() if key != "text"]
         if "text" in stage.details:
-            lines += ["", "The weights are untrained, so the reply is noise:", "", "````text"]
-            lines += [stage.details["text"], "````"]
+            lines += ["", "````text", stage.details["text"], "````"]
         lines.append("")
     lines += ["## Not built yet", "", "Future stages of `qianwen run`:", ""]
     lines += [f"- **{name}**: {what}" for name, what in NOT_BUILT]
-    lines += ["", "## Next", "", "```", f"{cli_name()} chat --model {out / 'base'}", "```", ""]
+    base = out / "base"
+    lines += ["", "## Next", "", "```", f"{cli_name()} generate --model {base} --prompt 'import os'", "```", ""]
     return "\n".join(lines)

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 import qianwen
 from qianwen.cli import main
 from qianwen.config import ModelConfig
-from qianwen.run import NOT_BUILT, qwen_vocabulary
-from qianwen.tokenizer import DEFAULT_SYSTEM, Tokenizer
+from qianwen.run import NOT_BUILT
+from qianwen.tokenizer import DEFAULT_SYSTEM, Tokenizer, qwen_vocabulary
 
 # The real Qwen ids (151,851) so text prompts work; tiny everywhere else so saving stays fast.
 CONFIG = ModelConfig(
@@ -346,26 +346,54 @@ def test_download_offline_ends_with_one_sentence(tmp_path):
     assert "Qwen/Qwen-1_8B" in result.stderr and "network" in result.stderr and "by hand" in result.stderr
 
 
-def test_run_writes_tokenizer_model_and_report(tmp_path, tokenizer, capsys):
+MICRO = [
+    "tokenizer.vocab_size=512",
+    "tokenizer.max_bytes=300000",
+    "data.read.max_bytes=300000",
+    "model.preset=tiny-1m",
+    "model.hidden_size=32",
+    "pretrain.steps=3",
+    "pretrain.seq_length=64",
+    "pretrain.batch_size=2",
+    "pretrain.eval_batches=1",
+]
+
+
+def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--seed", "1", "--sample-bytes", "20000"]) == 0
+    assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
     printed = capsys.readouterr().out
-    for stage in ("[1/5] tokenizer", "[2/5] model", "[3/5] reload", "[4/5] sample", "[5/5] report"):
+    for stage in ("[1/5] tokenizer", "[2/5] data", "[3/5] pretrain", "[4/5] sample", "[5/5] report"):
         assert stage in printed
-    assert "bytes/token" in printed and "untrained" in printed
-    assert f"qianwen chat --model {out / 'base'}" in printed
+    assert "bytes/token on held-out text" in printed and "unigram entropy" in printed
+    assert f"generate --model {out / 'base'}" in printed
 
     report = (out / "report.md").read_text()
-    for heading in ("## Environment", "## Stages", "1. tokenizer", "2. model", "3. reload", "4. sample"):
+    for heading in ("## Environment", "## Stages", "1. tokenizer", "2. data", "3. pretrain", "4. sample"):
         assert heading in report
-    assert "max abs logit difference: 0.0" in report
     not_built = report.split("## Not built yet", 1)[1]
     for name, _ in NOT_BUILT:
         assert f"**{name}**" in not_built
-    assert {n for n, _ in NOT_BUILT} >= {"data prep", "pretraining", "SFT", "reward model", "PPO", "evaluation"}
+    tok = Tokenizer.from_file(out / "tokenizer")
+    assert tok.vocab_size == 512
+    model, base_tok = qianwen.load(out / "base")
+    assert model.config.vocab_size == 512 and model.config.hidden_size == 32
+    assert base_tok.encode("import os") == tok.encode("import os")
+    assert json.loads((out / "data" / "index.json").read_text())["vocab_size"] == 512
+    steps = [json.loads(line) for line in (out / "metrics" / "pretrain.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 3]
 
-    text = "import os\nprint('千问', os.sep)\n"
-    assert Tokenizer.from_file(out / "tokenizer").encode(text) == tokenizer.encode(text)
-    model, tok = qianwen.load(out / "base")
-    assert model.config.vocab_size == 151936 and model.config.hidden_size == 64
-    assert tok.vocab_size == 151851
+    weights = (out / "base" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 3
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_run_checks_every_setting_before_starting(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "x"), "pretrain.stepz=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key pretrain.stepz; valid keys in [pretrain]")
+    assert not (tmp_path / "x").exists()
+    assert main(["run", "--recipe", "nope"]) == 2
+    assert capsys.readouterr().err == "error: unknown recipe 'nope'; use one of ['tiny'] or a path to a .toml file.\n"
+    assert main(["run", "--out", str(tmp_path / "x"), "tokenizer.vocab=3"]) == 2
+    assert "unknown tokenizer key(s) ['vocab']" in capsys.readouterr().err
