@@ -46,7 +46,8 @@ from qianwen.data.config import load_config
 from qianwen.data.dedup import shingles
 from qianwen.data.normalize import normalize, word_tokens
 from qianwen.data.prep import Workers, clean, documents, stage_stats
-from qianwen.data.readers import list_files, read_files, stdlib_files
+from qianwen.data.readers import read_files
+from qianwen.util import list_files, stdlib_files
 
 WORKERS = 2
 BANDS, ROWS, NGRAM = 14, 8, 5

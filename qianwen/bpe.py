@@ -42,7 +42,7 @@ from pathlib import Path
 import rustbpe
 
 from qianwen.tokenizer import PATTERN, SPECIAL_NAMES, VOCAB_FILE, Tokenizer, qwen_vocabulary
-from qianwen.util import atomic_write
+from qianwen.util import atomic_write, list_files, stdlib_files
 
 ENGINE = "rustbpe"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_NAMES) + 1  # every byte, every special token, at least one merge
@@ -90,35 +90,6 @@ class Split:
 
 # ---------------------------------------------------------------------------
 # The corpus
-
-
-def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library `.py` sources, sorted: a corpus that is there offline."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-
-
-def list_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Every file the inputs name, directories walked in sorted order with hidden entries skipped, each once."""
-    files: list[Path] = []
-    for given in inputs:
-        path = Path(given)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += [Path(root) / name for name in sorted(names) if not name.startswith(".")]
-        else:
-            raise ValueError(f"input {given} does not exist; check the paths given to --input.")
-    seen: set[Path] = set()
-    unique = []
-    for path in files:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
 
 
 def _why_not_text(path: Path, limit: int) -> str | None:

@@ -1,10 +1,11 @@
-"""Small helpers shared by the core modules."""
+"""Small helpers shared by the core modules and the stages: atomic writes, the files a command reads."""
 
 from __future__ import annotations
 
 import os
+import sysconfig
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -28,3 +29,29 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[str], No
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library `.py` sources, sorted: a corpus that is there offline."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def list_files(inputs: Sequence[str | os.PathLike], suffixes: Sequence[str] = ()) -> list[Path]:
+    """Every file the inputs name, each once, directories walked in sorted order (hidden entries skipped).
+    `suffixes`, if given, limits the files found in directories; files named directly are always read."""
+    files: list[Path] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if not name.startswith(".") and (not suffixes or name.endswith(tuple(suffixes))):
+                        files.append(Path(root) / name)
+        else:
+            raise ValueError(f"input {given} does not exist; check the path given to --input.")
+    seen: set[Path] = set()
+    return [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from qianwen.data.readers import Doc, Malformed, list_files, read_files
+from qianwen.data.readers import Doc, Malformed, read_files
+from qianwen.util import list_files
 
 RECORDS = [{"text": f"document number {i}", "path": f"src/file{i}.py"} for i in range(5)]
 

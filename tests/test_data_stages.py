@@ -61,7 +61,7 @@ def test_prose_and_code_pass_their_profiles():
 
 
 def test_code_profile_keeps_the_standard_library_that_text_rules_reject():
-    from qianwen.data.readers import stdlib_files
+    from qianwen.util import stdlib_files
 
     texts = [normalize(p.read_text(encoding="utf-8", errors="replace")) for p in stdlib_files()[::6]]
     texts = [t for t in texts if len(t.split()) >= 50]  # past the two profiles' different min_words

@@ -35,9 +35,9 @@ from qianwen.data.dedup import ExactDedup, NearDedup, digest, signature
 from qianwen.data.filters import check
 from qianwen.data.normalize import normalize, word_tokens
 from qianwen.data.pack import DTYPE, FORMAT, ShardWriter, encode_documents, verified_prefix
-from qianwen.data.readers import Doc, Malformed, list_files, read_files, stdlib_files
+from qianwen.data.readers import Doc, Malformed, read_files
 from qianwen.tokenizer import Tokenizer
-from qianwen.util import atomic_write
+from qianwen.util import atomic_write, list_files, stdlib_files
 
 SPLITS = ("train", "val")
 BATCH_DOCS, BATCH_BYTES = 256, 1 << 20  # per task sent to a worker: large enough to amortise the pickling

@@ -12,8 +12,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,31 +50,6 @@ class Malformed:
 
 Item = Doc | Malformed
 Progress = Callable[[int], None]
-
-
-def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library `.py` sources, sorted: a corpus that is there offline."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-
-
-def list_files(inputs: Sequence[str | os.PathLike], suffixes: Sequence[str] = ()) -> list[Path]:
-    """Every file the inputs name, directories walked in sorted order (hidden entries skipped).
-    `suffixes`, if given, limits the files found in directories; files named directly are always read."""
-    files: list[Path] = []
-    for given in inputs:
-        path = Path(given)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(names):
-                    if not name.startswith(".") and (not suffixes or name.endswith(tuple(suffixes))):
-                        files.append(Path(root) / name)
-        else:
-            raise ValueError(f"input {given} does not exist; check the path given to --input.")
-    return files
 
 
 def read_files(
