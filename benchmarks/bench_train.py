@@ -3,6 +3,7 @@ against a plain training loop over transformers' Qwen2ForCausalLM on the same sh
 matmul peak measured in the same run (the issue's goal: at least 50% of it for the ~40M preset on a CPU).
 
 python -m benchmarks.bench_train [--preset tiny-40m] [--seq 512] [--batch 8] [--steps 8] [--compile]
+On a GPU (bf16 autocast on both sides): --device cuda --peak-tflops 989 (H100/H200 dense bf16).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import best_time, write_result
-from qianwen.config import preset
+from qianwen.config import parse_value, preset
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import train_flops_per_token
 from qianwen.train.pretrain import load_config, pretrain
@@ -28,6 +29,15 @@ from qianwen.train.pretrain import load_config, pretrain
 def matmul_peak_flops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / best_time(lambda: a @ b, repeats=10, warmup=2)
+
+
+def model_config(args):
+    """The preset with the --model changes, as pretrain will build it."""
+    changes = {}
+    for item in args.model:
+        key, _, value = item.removeprefix("model.").partition("=")
+        changes[key] = parse_value(value)
+    return preset(args.preset, **changes)
 
 
 def shards(directory: Path, vocab_size: int, tokens: int) -> None:
@@ -55,6 +65,8 @@ def ours(args, data: Path, out: Path) -> float:
         "log_every=1",
         "eval_batches=1",
         f"compile={'true' if args.compile else 'false'}",
+        f"device={args.device}",
+        *(f"model.{item.removeprefix('model.')}" for item in args.model),
     ]
     config, model = load_config(None, overrides)
     records = pretrain(config, model)
@@ -65,7 +77,7 @@ def ours(args, data: Path, out: Path) -> float:
 def theirs(args, vocab_size: int) -> float:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    c = preset(args.preset, vocab_size=vocab_size)
+    c = model_config(args)
     config = Qwen2Config(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -78,14 +90,16 @@ def theirs(args, vocab_size: int) -> float:
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    model = Qwen2ForCausalLM(config).train()
+    model = Qwen2ForCausalLM(config).to(args.device).train()
     if args.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.randint(0, 256, (args.batch, args.seq + 1))
+    ids = torch.randint(0, 256, (args.batch, args.seq + 1), device=args.device)
+    bf16 = args.device.startswith("cuda")
 
     def step():
-        logits = model(input_ids=ids[:, :-1]).logits
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -103,19 +117,24 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--name", default="train")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: measure a CPU matmul)")
+    parser.add_argument("--model", nargs="*", default=[], metavar="model.KEY=VALUE", help="preset field changes")
     args = parser.parse_args(argv)
-    vocab_size = preset(args.preset).vocab_size
+    vocab_size = model_config(args).vocab_size
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
         shards(data, vocab_size, tokens=args.batch * (args.seq + 1) * (args.steps + 4) * 2)
-        peak = matmul_peak_flops()
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
         a = ours(args, data, Path(tmp) / "run")
         b = theirs(args, vocab_size)
-    flops = train_flops_per_token(preset(args.preset), args.seq)
+    config = model_config(args)
+    flops = train_flops_per_token(config, args.seq)
     row = {
-        "preset": args.preset,
-        "params_m": round(preset(args.preset).num_params / 1e6, 1),
+        "preset": " ".join([args.preset, *args.model]),
+        "device": args.device,
+        "params_m": round(config.num_params / 1e6, 1),
         "seq": args.seq,
         "batch": args.batch,
         "compiled": args.compile,
@@ -129,11 +148,11 @@ def main(argv=None) -> None:
     }
     print(
         f"{args.preset} seq {args.seq} batch {args.batch}{' compiled' if args.compile else ''}: "
-        f"qianwen pretrain {a:,.0f} tok/s (MFU {row['mfu_ours']:.1%} of the measured {peak / 1e9:.0f} GFLOP/s), "
+        f"qianwen pretrain {a:,.0f} tok/s (MFU {row['mfu_ours']:.1%} of a {peak / 1e9:,.0f} GFLOP/s peak), "
         f"transformers loop {b:,.0f} tok/s (MFU {row['mfu_transformers']:.1%}), ratio {row['ratio']}x"
     )
     write_result(
-        args.name, [row], "python -m benchmarks.bench_train " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.name, [row], " ".join(["python -m benchmarks.bench_train", *(sys.argv[1:] if argv is None else argv)])
     )
 
 
