@@ -74,6 +74,15 @@ def main() -> None:
             + table(["implementation", "seconds", "MB/s", "speed vs HF tokenizers", "speed vs rustbpe"], rows)
             + f"\n\n{bpe['notes']}\n"
         )
+    sandbox = load("sandbox")
+    if sandbox:
+        rows = [[r["impl"], r["median_ms"], r["p90_ms"], f"**{r['ratio_vs_subprocess']}x**"] for r in sandbox["rows"]]
+        parts.append(
+            "## Sandbox overhead per call (goal: `sandbox.run` within 1.5x of a plain `subprocess.run` of python)\n\n"
+            f"{env_line(sandbox)}\n\n"
+            + table(["call of `print(1)`", "median ms", "p90 ms", "vs subprocess.run"], rows)
+            + f"\n\n{sandbox['notes']}\n"
+        )
     mem = load("load_memory")
     if mem:
         rows = [

@@ -9,6 +9,7 @@ import sys
 RUNS = [
     ["benchmarks.bench_tokenizer"],
     ["benchmarks.bench_bpe"],
+    ["benchmarks.bench_sandbox"],
     ["benchmarks.bench_data"],
     ["benchmarks.bench_load", "--size-mb", "1000"],
     ["benchmarks.bench_train"],
