@@ -392,14 +392,14 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict]:
         """Train to config.steps; returns the metrics records of this run."""
         config = self.config
-        if resume:
+        if self.latest() is not None:
+            if not resume:
+                raise ValueError(
+                    f"{self.checkpoints} already holds checkpoints; pass --resume to continue, or choose another --out."
+                )
             self.resume()
-        elif self.latest() is not None:
-            raise ValueError(
-                f"{self.checkpoints} already holds checkpoints; pass --resume to continue, or choose another --out."
-            )
         elif self.runtime.main and self.metrics_path.exists():
-            self.metrics_path.unlink()
+            self.metrics_path.unlink()  # a run that never reached a checkpoint starts over
         if self.step == 0:  # dropout's randomness; a resumed run has its saved RNG state instead
             torch.manual_seed(config.seed + self.runtime.rank)
         peak = peak_flops(config, self.runtime.device)
