@@ -19,8 +19,8 @@ import torch
 import qianwen
 from qianwen.cli import main
 from qianwen.tokenizer import Tokenizer
-from qianwen.train import pretrain as pretrain_module
 from qianwen.train.loop import Trainer, TrainingError
+from qianwen.train.loss import CausalLM
 from qianwen.train.pretrain import load_config, pretrain
 
 SMALL = ["model.preset=tiny-1m", "model.hidden_size=32", "model.intermediate_size=64", "seq_length=32", "batch_size=4"]
@@ -102,15 +102,15 @@ def test_existing_checkpoints_need_resume(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    forward = pretrain_module.CausalLM.forward
+    forward = CausalLM.forward
     calls = []
 
-    def poisoned(self, tokens):
+    def poisoned(self, tokens, labels=None, per_token=False):
         calls.append(1)
-        loss = forward(self, tokens)
+        loss = forward(self, tokens, labels, per_token)
         return loss * math.nan if len(calls) == 4 else loss
 
-    monkeypatch.setattr(pretrain_module.CausalLM, "forward", poisoned)
+    monkeypatch.setattr(CausalLM, "forward", poisoned)
     with pytest.raises(
         TrainingError, match=r"the loss became nan at step 4; the last good checkpoint is .*step-0000002"
     ):

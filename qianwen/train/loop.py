@@ -349,7 +349,7 @@ class Trainer:
                 module.set_requires_gradient_sync(micro == config.grad_accum - 1)
             batch = self.stage.batch(self.step, micro)
             with self._autocast():
-                loss = module(batch)
+                loss = module(*batch) if isinstance(batch, tuple) else module(batch)
             (loss / config.grad_accum).backward()
             total += loss.detach().float()
         loss = self.runtime.mean(total / config.grad_accum)
@@ -462,6 +462,22 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def hf_export(model_config, tokenizer, metadata: dict) -> Callable[[dict, Path], None]:
+    """A Stage.export that writes a qianwen Transformer's full state dict (keys under `model.`, as a
+    CausalLM holds it) as a Hugging Face directory with the tokenizer; `metadata` is read at export time."""
+
+    def export(state: dict, directory: Path) -> None:
+        import qianwen
+        from qianwen.model import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+        qianwen.save(model, tokenizer, directory, metadata)
+
+    return export
 
 
 def write_model_dir(directory: Path, write: Callable[[Path], None]) -> None:

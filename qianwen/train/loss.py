@@ -1,4 +1,5 @@
-"""Next-token cross-entropy fused with the output projection.
+"""Next-token losses: the transformer with its loss as one module (CausalLM), and a cross-entropy fused with
+the output projection for large vocabularies.
 
 The logits of a Qwen vocabulary are the largest tensor of a training step
 (151,936 floats per token: 5 GB for a batch of 8,192 tokens in fp32). Here
@@ -12,6 +13,12 @@ states, grad of the weight); what goes is the traffic of the full logits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100  # label of positions that are not trained (prompt tokens, padding)
+FUSED_LOSS_VOCAB = 32768  # from here up the fused loss saves memory at no cost in speed (benchmarks/bench_loss.py)
+EVAL_CHUNK = 512  # positions per logits chunk when evaluating
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -78,3 +85,33 @@ def linear_cross_entropy(
         raise ValueError(f"{hidden2d.shape[0]} hidden rows but {targets1d.shape[0]} targets.")
     chunk = chunk or default_chunk(weight.shape[0], hidden.device)
     return _LinearCrossEntropy.apply(hidden2d, weight, targets1d, ignore_index, chunk)
+
+
+class CausalLM(nn.Module):
+    """The transformer plus the next-token loss, as one module so FSDP2 gathers the output head for it."""
+
+    def __init__(self, model: nn.Module, loss: str = "auto"):
+        super().__init__()
+        if loss not in ("auto", "fused", "plain"):
+            raise ValueError(f"loss must be auto, fused or plain, got {loss!r}.")
+        self.model = model
+        self.fused = loss == "fused" or (loss == "auto" and model.config.vocab_size >= FUSED_LOSS_VOCAB)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, per_token: bool = False):
+        """The mean next-token loss of tokens [B, T+1] (targets: `labels` where given, -100 = not trained);
+        with per_token, the losses [B, T] in fp32, the logits made a chunk of positions at a time (evaluation:
+        a 151k vocabulary never costs a full [B, T, V]). Both go through forward, where FSDP2 gathers the
+        embedding and the output head."""
+        hidden = self.model.hidden_states(tokens[:, :-1])
+        targets = (tokens if labels is None else labels)[:, 1:]
+        if per_token:
+            out = []
+            for start in range(0, hidden.shape[1], EVAL_CHUNK):
+                logits = self.model.lm_head(hidden[:, start : start + EVAL_CHUNK]).float()
+                chunk = targets[:, start : start + EVAL_CHUNK]
+                out.append(F.cross_entropy(logits.transpose(1, 2), chunk, reduction="none", ignore_index=IGNORE))
+            return torch.cat(out, dim=1)
+        if self.fused:
+            return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, ignore_index=IGNORE)
+        logits = self.model.lm_head(hidden)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

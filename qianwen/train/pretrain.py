@@ -14,10 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import qianwen
 from qianwen.config import ModelConfig, apply_overrides, build, load_recipe, preset
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
@@ -27,15 +24,13 @@ from qianwen.train.loop import (
     Runtime,
     Stage,
     Trainer,
+    hf_export,
     init_runtime,
     shutdown,
     train_flops_per_token,
     write_model_dir,
 )
-from qianwen.train.loss import linear_cross_entropy
-
-FUSED_LOSS_VOCAB = 32768  # from here up the fused loss saves memory at no cost in speed (benchmarks/bench_loss.py)
-EVAL_CHUNK = 512  # positions per logits chunk when evaluating
+from qianwen.train.loss import CausalLM
 
 
 @dataclass
@@ -57,33 +52,6 @@ class PretrainConfig(LoopConfig):
         for name in ("batch_size", "eval_batches", "pad_vocab_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-
-
-class CausalLM(nn.Module):
-    """The transformer plus the next-token loss, as one module so FSDP2 gathers the output head for it."""
-
-    def __init__(self, model: Transformer, fused: bool):
-        super().__init__()
-        self.model = model
-        self.fused = fused
-
-    def forward(self, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-        """The mean next-token loss of tokens [B, T+1]; with per_token, the losses [B, T] in fp32, the logits
-        made a chunk of positions at a time (evaluation: a 151k vocabulary never costs a full [B, T, V]).
-        Both go through forward, where FSDP2 gathers the embedding and output head."""
-        hidden = self.model.hidden_states(tokens[:, :-1])
-        targets = tokens[:, 1:]
-        if per_token:
-            out = []
-            for start in range(0, hidden.shape[1], EVAL_CHUNK):
-                logits = self.model.lm_head(hidden[:, start : start + EVAL_CHUNK]).float()
-                chunk = targets[:, start : start + EVAL_CHUNK]
-                out.append(F.cross_entropy(logits.transpose(1, 2), chunk, reduction="none"))
-            return torch.cat(out, dim=1)
-        if self.fused:
-            return linear_cross_entropy(hidden, self.model.lm_head.weight, targets)
-        logits = self.model.lm_head(hidden)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def load_config(recipe_path: str | None, overrides: list[str]) -> tuple[PretrainConfig, dict]:
@@ -143,8 +111,7 @@ def _pretrain(config, mconfig, train, val, tokenizer, runtime: Runtime, resume: 
     sampler = WindowSampler(train, T, seed=config.seed)
     model = Transformer(mconfig)
     model.init_weights(seed=config.seed)
-    fused = config.loss == "fused" or (config.loss == "auto" and mconfig.vocab_size >= FUSED_LOSS_VOCAB)
-    lm = CausalLM(model, fused)
+    lm = CausalLM(model, config.loss)
     per_step = B * config.grad_accum * world  # sequences per optimizer step, all processes together
 
     def batch(step: int, micro: int) -> torch.Tensor:
@@ -155,17 +122,11 @@ def _pretrain(config, mconfig, train, val, tokenizer, runtime: Runtime, resume: 
     run_dir = Path(config.out)
     metadata = {"stage": "pretrain", "data": str(Path(config.data).resolve()), "config": asdict(config)}
 
-    def export(state: dict, directory: Path) -> None:
-        with torch.device("meta"):
-            out_model = Transformer(mconfig)
-        out_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
-        qianwen.save(out_model, tokenizer, directory, metadata)
-
     stage = Stage(
         name="pretrain",
         module=lm,
         batch=batch,
-        export=export,
+        export=hf_export(mconfig, tokenizer, metadata),
         tokens_per_step=per_step * T,
         flops_per_token=train_flops_per_token(mconfig, T),
         evaluate=evaluate,
