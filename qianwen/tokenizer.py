@@ -315,9 +315,7 @@ class Tokenizer:
         special tokens allowed. With `max_tokens`, the oldest exchanges (a turn
         and the assistant replies to it) after the system prompt are dropped
         until the prompt fits; the system prompt and the last message are kept."""
-        turns = [self._turn(i, m) for i, m in enumerate(messages)]
-        if not turns or turns[0][0] != "system":
-            turns.insert(0, ("system", default_system))
+        turns = self.chat_turns(messages, default_system)
         nl = self.encode("\n")
         blocks = [self._turn_ids(role, content, nl) for role, content in turns]
         tail = [self.im_start_id, *self.encode("assistant"), *nl] if add_generation_prompt else []
@@ -349,6 +347,13 @@ class Tokenizer:
     def chat_text(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The ChatML text `render_chat` encodes (for display and templates)."""
         return self.decode(self.render_chat(messages, add_generation_prompt))
+
+    def chat_turns(self, messages: Sequence[dict], default_system: str = DEFAULT_SYSTEM) -> list[tuple[str, str]]:
+        """(role, content) of OpenAI-style messages, checked, with the default system prompt first if none."""
+        turns = [self._turn(i, m) for i, m in enumerate(messages)]
+        if not turns or turns[0][0] != "system":
+            turns.insert(0, ("system", default_system))
+        return turns
 
     def _turn_ids(self, role: str, content: str, nl: list[int]) -> list[int]:
         return [self.im_start_id, *self.encode(role), *nl, *self.encode(content), self.im_end_id]

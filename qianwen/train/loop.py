@@ -321,6 +321,12 @@ class Trainer:
         if self.runtime.main:
             self.stage.export(state, directory)
 
+    def publish(self, directory: Path) -> Path:
+        """The newest checkpoint's model as `directory` (base/, sft/ ...), replaced whole (main process)."""
+        latest = self.latest()
+        write_model_dir(directory, lambda tmp: shutil.copytree(latest / "model", tmp))
+        return directory
+
     # -- metrics ----------------------------------------------------------------
 
     def log(self, record: dict) -> None:
@@ -412,19 +418,22 @@ class Trainer:
             last = self.step == config.steps
             if self.step % config.log_every == 0 or last or self.step == 1:
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = self.stage.tokens_per_step * window_steps / elapsed
                 record = {
                     "step": self.step,
                     "loss": round(loss.item(), 6),
                     "lr": lr_at(self.step - 1, config),
                     "grad_norm": round(norm.item(), 6),
-                    "tokens": self.step * self.stage.tokens_per_step,
-                    "tokens_per_s": round(tokens_per_s, 1),
+                    "steps_per_s": round(window_steps / elapsed, 3),
                 }
-                if peak and self.stage.flops_per_token:
-                    record["mfu"] = round(tokens_per_s * self.stage.flops_per_token / self.runtime.world / peak, 4)
+                if self.stage.tokens_per_step:  # fixed-size batches (pretraining); SFT's vary
+                    tokens_per_s = self.stage.tokens_per_step * window_steps / elapsed
+                    record["tokens"] = self.step * self.stage.tokens_per_step
+                    record["tokens_per_s"] = round(tokens_per_s, 1)
+                    if peak and self.stage.flops_per_token:
+                        flops = tokens_per_s * self.stage.flops_per_token / self.runtime.world
+                        record["mfu"] = round(flops / peak, 4)
                 self.log(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 window_start, window_steps = time.perf_counter(), 0
             if (config.eval_every and self.step % config.eval_every == 0) or last:
                 self.evaluate()

@@ -9,7 +9,6 @@ otherwise. The result is `<out>/base/`, a Hugging Face Qwen2 directory with the 
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from qianwen.train.loop import (
     init_runtime,
     shutdown,
     train_flops_per_token,
-    write_model_dir,
 )
 from qianwen.train.loss import CausalLM
 
@@ -142,9 +140,7 @@ def _pretrain(config, mconfig, train, val, tokenizer, runtime: Runtime, resume: 
         metadata["unigram_entropy"] = round(entropy, 4)
     history = trainer.fit(resume=resume)
     if runtime.main:
-        base = run_dir / "base"
-        write_model_dir(base, lambda tmp: shutil.copytree(trainer.latest() / "model", tmp))
-        print(f"pretrain: wrote {base}")
+        print(f"pretrain: wrote {trainer.publish(run_dir / 'base')}")
     return history
 
 

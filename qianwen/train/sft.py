@@ -1,0 +1,239 @@
+"""`qianwen sft`: supervised fine-tuning on ChatML conversations, through the same loop as pretraining.
+
+Data: JSONL, one `{"messages": [{"role", "content"}, ...]}` per line (OpenAI style). Each conversation is
+rendered in ChatML (QWEN_SPEC.md section 4; the default system prompt first when there is none) with the
+loss mask of Qwen's public fine-tuning script: every turn keeps labels on `<|im_start|>`, `<|im_end|>` and
+the "\n" after it; the role word and its "\n" are masked; system and user content are masked; assistant
+content is trained. Batches group conversations of similar length (right-padded, padding masked), so a
+causal model never attends to padding and no conversation sees another. Lines that cannot be used (bad
+JSON, bad messages, no assistant reply, longer than the context) are counted and reported, never dropped
+silently. The result is `<out>/sft/`, a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qianwen
+from qianwen.config import apply_overrides, build, load_recipe
+from qianwen.tokenizer import Tokenizer
+from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, hf_export, init_runtime, shutdown
+from qianwen.train.loss import IGNORE, CausalLM
+
+GROUP_BATCHES = 64  # length grouping sorts this many batches' worth of conversations at a time
+EXAMPLES_SHOWN = 5
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    model: str = ""  # the model to fine-tune: a qianwen, Hugging Face Qwen2 or Qwen v1 directory
+    data: str = ""  # JSONL of {"messages": [...]}
+    out: str = "runs/sft"  # writes sft/, checkpoints/sft/, metrics/sft.jsonl
+    batch_size: int = 8  # conversations per micro-batch per process
+    seq_length: int = 0  # longest conversation in tokens; 0 = the model's seq_length
+    val_fraction: float = 0.05  # every n-th conversation is held out for the validation loss
+    eval_batches: int = 4
+    dropout: float = 0.0  # the report's SFT used 0.1
+    loss: str = "auto"
+    lr: float = 1e-5  # the public full fine-tuning default
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("model", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"sft.{name} is not set; pass {name}=PATH.")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.dropout < 1:
+            raise ValueError("val_fraction and dropout must be in [0, 1).")
+
+
+def load_config(recipe_path: str | None, overrides: list[str]) -> SFTConfig:
+    recipe = apply_overrides(load_recipe(recipe_path), overrides, default_section="sft")
+    return build(SFTConfig, recipe.get("sft", {}), "sft")
+
+
+def chat_labels(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Input ids and labels (IGNORE where not trained) of one conversation, by the mask of QWEN_SPEC.md
+    section 4. Every turn, the last included, ends with <|im_end|> and "\n"."""
+    nl = tokenizer.encode("\n")
+    ids: list[int] = []
+    labels: list[int] = []
+    for role, content in tokenizer.chat_turns(messages):
+        head = [tokenizer.im_start_id, *tokenizer.encode(role), *nl]
+        body = tokenizer.encode(content)
+        tail = [tokenizer.im_end_id, *nl]
+        ids += head + body + tail
+        kept = body if role == "assistant" else [IGNORE] * len(body)
+        labels += [tokenizer.im_start_id] + [IGNORE] * (len(head) - 1) + kept + tail
+    return ids, labels
+
+
+@dataclass
+class Conversations:
+    ids: list[list[int]]
+    labels: list[list[int]]
+    lines: int
+    skipped: dict[str, int]
+    examples: list[str]  # "file:line: reason" of the first few skipped
+
+
+def read_conversations(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Conversations:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"SFT data {path} does not exist; pass data=FILE, a JSONL of {{'messages': [...]}}.")
+    out = Conversations([], [], 0, {}, [])
+
+    def skip(number: int, reason: str, detail: str) -> None:
+        out.skipped[reason] = out.skipped.get(reason, 0) + 1
+        if len(out.examples) < EXAMPLES_SHOWN:
+            out.examples.append(f"{path}:{number}: {detail}")
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            out.lines += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                skip(number, "bad JSON", f"not JSON ({exc.msg})")
+                continue
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list):
+                skip(number, "no messages", "no 'messages' list")
+                continue
+            try:
+                ids, labels = chat_labels(tokenizer, messages)
+            except ValueError as exc:
+                skip(number, "bad message", str(exc))
+                continue
+            if all(label == IGNORE for label in labels[1:]) or messages[-1].get("role") != "assistant":
+                skip(number, "no assistant reply", "does not end with an assistant reply to learn")
+            elif len(ids) > max_tokens:
+                skip(number, "too long", f"{len(ids)} tokens, more than seq_length {max_tokens}")
+            else:
+                out.ids.append(ids)
+                out.labels.append(labels)
+    return out
+
+
+class LengthGroupedBatches:
+    """Batches of conversations of similar length, a fresh grouping each epoch, a pure function of
+    (seed, batch index): resuming and any number of processes read the same batches."""
+
+    def __init__(self, data: Conversations, indices: list[int], batch_size: int, pad_id: int, seed: int):
+        if not indices:
+            raise ValueError("no usable conversations to train on; check the data (see the skipped counts).")
+        self.data, self.indices, self.batch_size, self.pad_id, self.seed = data, indices, batch_size, pad_id, seed
+        self.per_epoch = math.ceil(len(indices) / batch_size)
+        self._epoch: int | None = None
+        self._batches: list[list[int]] = []
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = [self.indices[i] for i in rng.permutation(len(self.indices))]
+        group = self.batch_size * GROUP_BATCHES
+        batches = []
+        for start in range(0, len(order), group):
+            chunk = sorted(order[start : start + group], key=lambda i: len(self.data.ids[i]), reverse=True)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def get(self, index: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        if not shuffle:
+            members = self.indices[position * self.batch_size : (position + 1) * self.batch_size]
+        else:
+            if epoch != self._epoch:
+                self._batches, self._epoch = self._plan(epoch), epoch
+            members = self._batches[position]
+        length = max(len(self.data.ids[i]) for i in members)
+        ids = torch.full((len(members), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(members), length), IGNORE, dtype=torch.long)
+        for row, i in enumerate(members):
+            ids[row, : len(self.data.ids[i])] = torch.tensor(self.data.ids[i])
+            labels[row, : len(self.data.labels[i])] = torch.tensor(self.data.labels[i])
+        return ids, labels
+
+
+def sft(config: SFTConfig, resume: bool = False) -> list[dict]:
+    """Fine-tune; returns this process's metrics records. Every process of a torchrun job calls this."""
+    model, tokenizer = qianwen.load(config.model, dtype=torch.float32)
+    model.requires_grad_(True)  # loaded for inference
+    model.config.dropout = config.dropout
+    max_tokens = config.seq_length or model.config.seq_length
+    data = read_conversations(config.data, tokenizer, max_tokens)
+    every = round(1 / config.val_fraction) if config.val_fraction else 0
+    val = [i for i in range(len(data.ids)) if every and i % every == every - 1]
+    train = [i for i in range(len(data.ids)) if not (every and i % every == every - 1)]
+    runtime = init_runtime(config.device)
+    try:
+        return _sft(config, model, tokenizer, data, train, val, runtime, resume)
+    finally:
+        shutdown(runtime)
+
+
+def _sft(config, model, tokenizer, data, train, val, runtime: Runtime, resume: bool) -> list[dict]:
+    batches = LengthGroupedBatches(data, train, config.batch_size, tokenizer.pad_id, config.seed)
+    world = runtime.world
+
+    def batch(step: int, micro: int):
+        ids, labels = batches.get((step * config.grad_accum + micro) * world + runtime.rank)
+        return ids.to(runtime.device), labels.to(runtime.device)
+
+    lm = CausalLM(model, config.loss)
+    evaluate = _evaluator(lm, data, val, tokenizer, config, runtime) if val else None
+    metadata = {
+        "stage": "sft",
+        "base": str(Path(config.model).resolve()),
+        "data": str(Path(config.data).resolve()),
+        "conversations": {"lines": data.lines, "train": len(train), "val": len(val), "skipped": data.skipped},
+        "config": asdict(config),
+    }
+    stage = Stage(
+        name="sft",
+        module=lm,
+        batch=batch,
+        export=hf_export(model.config, tokenizer, metadata),
+        evaluate=evaluate,
+    )
+    trainer = Trainer(stage, config, Path(config.out), runtime)
+    if runtime.main:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items()) or "none"
+        print(
+            f"sft: {len(train):,} conversations to train on and {len(val):,} held out, from {data.lines:,} lines "
+            f"(skipped: {skipped}); {batches.per_epoch:,} batches per epoch"
+        )
+        for example in data.examples:
+            print(f"sft: skipped {example}")
+    history = trainer.fit(resume=resume)
+    if runtime.main:
+        print(f"sft: wrote {trainer.publish(Path(config.out) / 'sft')}")
+    return history
+
+
+def _evaluator(lm: CausalLM, data: Conversations, val: list[int], tokenizer, config: SFTConfig, runtime: Runtime):
+    """Mean loss over the trained tokens of the held-out conversations (the same count on every process)."""
+    batches = LengthGroupedBatches(data, val, config.batch_size, tokenizer.pad_id, seed=0)
+    per_process = min(config.eval_batches, batches.per_epoch // runtime.world)
+    if per_process == 0:
+        return None
+
+    def evaluate() -> dict:
+        total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+        for b in range(per_process):
+            ids, labels = batches.get(b * runtime.world + runtime.rank, shuffle=False)
+            ids, labels = ids.to(runtime.device), labels.to(runtime.device)
+            losses = lm(ids, labels, per_token=True).double()
+            trained = labels[:, 1:] != IGNORE
+            total += torch.stack([losses[trained].sum(), trained.sum().double()])
+        total = runtime.sum(total)
+        return {"val_loss": round((total[0] / total[1]).item(), 6)}
+
+    return evaluate
