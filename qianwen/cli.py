@@ -245,6 +245,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# agent
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from qianwen.agent import run
+    from qianwen.agent.tools import resolve
+
+    if not args.question.strip():
+        raise ValueError("the question is empty; give it as the last argument, in quotes.")
+    tools = resolve([name.strip() for name in args.tools.split(",") if name.strip()])
+    model, tok = _load(args)
+    print(f"Question: {args.question}", flush=True)
+    result = run(
+        model,
+        tok,
+        args.question,
+        tools=tools,
+        max_steps=args.max_steps,
+        max_new_tokens=args.max_new_tokens,
+        on_event=lambda label, text: print(f"{label}: {text}", flush=True),
+    )
+    if result.finish_reason == "max_steps":
+        print(f"[no answer within --max-steps {args.max_steps}]", file=sys.stderr)
+    elif result.finish_reason == "length":
+        print("[no answer: the model ran out of tokens (--max-new-tokens or its window)]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # tokenizer train
 
 
@@ -380,6 +409,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from qianwen.train.loop import TrainingError
+    from qianwen.train.sft import load_config, sft
+
+    try:
+        sft(load_config(args.recipe, args.overrides), resume=args.resume)
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Parser and entry point
 
@@ -403,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
     _add_sampling_options(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser(
+        "agent",
+        help="answer a question with tools (ReAct), printing the trace as it runs",
+        description="Answer a question with Qwen's ReAct prompt: the model thinks, calls tools (code_interpreter "
+        "runs Python in a sandbox; calculator does exact arithmetic) and reads their results until it answers.",
+    )
+    _add_model_options(p)
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--tools", default="code_interpreter,calculator", metavar="NAMES", help="comma-separated tools")
+    p.add_argument("--max-steps", type=_positive_int, default=8, metavar="N", help="model turns at most (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N", help="per model turn")
+    p.set_defaults(func=cmd_agent)
 
     p = commands.add_parser("convert", help="write any supported checkpoint as a Hugging Face Qwen2 directory")
     p.add_argument("src_dir", metavar="SRC_DIR")
@@ -491,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_pretrain)
+
+    p = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning on ChatML conversations (JSONL of messages)",
+        description="Settings come from the recipe's [sft] section, then KEY=VALUE overrides, e.g. "
+        "model=runs/x/base data=chat.jsonl out=runs/x lr=1e-5 steps=500.",
+    )
+    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_sft)
     return parser
 
 

@@ -174,3 +174,28 @@ def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{}"])
     assert main(["sft", f"model={base_dir}", f"data={empty}", f"out={tmp_path}"]) == 2
     assert "no usable conversations to train on" in capsys.readouterr().err
+
+
+def test_lora_trains_adapters_only_and_writes_a_merged_model(base_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(32))
+    settings = [f"model={base_dir}", f"data={data}", f"out={tmp_path}", "steps=30", "log_every=1", "val_fraction=0"]
+    config = load_config(None, [*settings, "lora=true", "lora_r=4", "lora_alpha=8", "lr=1e-2"])
+    assert config.lr == 1e-2 and load_config(None, [*settings, "lora=true"]).lr == 3e-4
+    records = sft(config)
+    train = [r["loss"] for r in records if "loss" in r]
+    assert train[-1] < train[0] - 0.25
+    base, _ = qianwen.load(base_dir)
+    merged, _ = qianwen.load(tmp_path / "sft")
+    changed = {
+        name for (name, a), b in zip(base.state_dict().items(), merged.state_dict().values()) if not torch.equal(a, b)
+    }
+    targets = ("attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
+    assert changed == {f"layers.{i}.{t}" for i in range(2) for t in targets}  # frozen elsewhere, merged here
+    meta = json.loads((tmp_path / "sft" / "qianwen.json").read_text())
+    assert meta["lora"] == {"r": 4, "alpha": 8, "targets": ["down", "gate_up", "proj", "qkv"]}
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path / "sft", dtype=torch.float32).eval()
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, merged(x), atol=1e-4, rtol=1e-4)

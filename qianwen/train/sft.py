@@ -8,13 +8,19 @@ content is trained. Batches group conversations of similar length (right-padded,
 causal model never attends to padding and no conversation sees another. Lines that cannot be used (bad
 JSON, bad messages, no assistant reply, longer than the context) are counted and reported, never dropped
 silently. The result is `<out>/sft/`, a Hugging Face directory.
+
+LoRA (`lora=true`, through peft): low-rank adapters on the attention and MLP projections (the public
+script's c_attn, c_proj, w1, w2 are our qkv, proj, gate_up, down), everything else frozen; checkpoints hold
+the adapters beside the frozen weights, and every exported directory (sft/ included) has them merged in, so
+it loads anywhere a Qwen2 model does. Default lr: 1e-5 for full fine-tuning, 3e-4 with LoRA (QWEN_SPEC.md).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +47,17 @@ class SFTConfig(LoopConfig):
     eval_batches: int = 4
     dropout: float = 0.0  # the report's SFT used 0.1
     loss: str = "auto"
-    lr: float = 1e-5  # the public full fine-tuning default
+    lr: float = 0.0  # 0 = the public script's default: 1e-5 full, 3e-4 LoRA
     warmup_steps: int = 10
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "gate_up", "down"])
 
     def __post_init__(self) -> None:
+        if self.lr == 0:
+            self.lr = 3e-4 if self.lora else 1e-5
         super().__post_init__()
         for name in ("model", "data"):
             if not getattr(self, name):
@@ -187,8 +200,6 @@ def _sft(config, model, tokenizer, data, train, val, runtime: Runtime, resume: b
         ids, labels = batches.get((step * config.grad_accum + micro) * world + runtime.rank)
         return ids.to(runtime.device), labels.to(runtime.device)
 
-    lm = CausalLM(model, config.loss)
-    evaluate = _evaluator(lm, data, val, tokenizer, config, runtime) if val else None
     metadata = {
         "stage": "sft",
         "base": str(Path(config.model).resolve()),
@@ -196,11 +207,17 @@ def _sft(config, model, tokenizer, data, train, val, runtime: Runtime, resume: b
         "conversations": {"lines": data.lines, "train": len(train), "val": len(val), "skipped": data.skipped},
         "config": asdict(config),
     }
+    if config.lora:
+        export = merged_export(model.config, tokenizer, metadata, add_lora(model, config))
+    else:
+        export = hf_export(model.config, tokenizer, metadata)
+    lm = CausalLM(model, config.loss)
+    evaluate = _evaluator(lm, data, val, tokenizer, config, runtime) if val else None
     stage = Stage(
         name="sft",
         module=lm,
         batch=batch,
-        export=hf_export(model.config, tokenizer, metadata),
+        export=export,
         evaluate=evaluate,
     )
     trainer = Trainer(stage, config, Path(config.out), runtime)
@@ -216,6 +233,38 @@ def _sft(config, model, tokenizer, data, train, val, runtime: Runtime, resume: b
     if runtime.main:
         print(f"sft: wrote {trainer.publish(Path(config.out) / 'sft')}")
     return history
+
+
+def add_lora(model, config: SFTConfig):
+    """Wrap the target projections of `model` in place with LoRA adapters; only they stay trainable."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+    except ImportError:
+        raise ValueError("lora=true needs peft; install it with `pip install 'qianwen[lora]'`.") from None
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+    )
+    LoraModel(model, lora, "default")
+    return lora
+
+
+def merged_export(model_config, tokenizer, metadata: dict, lora):
+    """A Stage.export for a LoRA model: the adapters merged into a plain Transformer, written as HF."""
+
+    def export(state: dict, directory: Path) -> None:
+        from peft.tuners.lora import LoraModel
+
+        model = qianwen.Transformer(model_config)
+        wrapped = LoraModel(model, copy.deepcopy(lora), "default")
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        meta = {**metadata, "lora": {"r": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)}}
+        qianwen.save(wrapped.merge_and_unload(), tokenizer, directory, meta)
+
+    return export
 
 
 def _evaluator(lm: CausalLM, data: Conversations, val: list[int], tokenizer, config: SFTConfig, runtime: Runtime):
