@@ -35,7 +35,7 @@ _METADATA_KEYS = {
     "transformers_version", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
     "initializer_range", "tokenizer_class", "output_attentions", "output_hidden_states",
     "return_dict", "is_decoder", "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward",
-    "id2label", "label2id", "problem_type", "torchscript", "pruned_heads", "add_cross_attention",
+    "id2label", "label2id", "num_labels", "problem_type", "torchscript", "pruned_heads", "add_cross_attention",
     "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
     "cross_attention_hidden_size", "tf_legacy_loss", "use_bfloat16", "quantization_config",
 }  # fmt: skip

@@ -420,6 +420,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    from qianwen.train.loop import TrainingError
+    from qianwen.train.reward import load_config, reward_model
+
+    try:
+        reward_model(load_config(args.recipe, args.overrides), resume=args.resume)
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Parser and entry point
 
@@ -555,6 +566,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_sft)
+
+    p = commands.add_parser(
+        "rm",
+        help="train a reward model on preference pairs: PMP on a large set, then fine-tuning on a clean one",
+        description="Settings come from the recipe's [rm] section, then KEY=VALUE overrides, e.g. "
+        "model=runs/x/sft pmp_data=pmp.jsonl data=pairs.jsonl out=runs/x steps=300.",
+    )
+    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in OUT")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

@@ -155,8 +155,12 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def prepare(module: nn.Module, config: LoopConfig, runtime: Runtime) -> nn.Module:
-    """Activation checkpointing, compile and FSDP2 on every transformer block, then the root."""
+    """Activation checkpointing, compile and FSDP2 on every transformer block, then the root; once per module,
+    so a second stage (the reward model's fine-tuning after PMP) trains the same prepared module."""
     module.to(runtime.device)
+    if getattr(module, "_qianwen_prepared", False):
+        return module
+    module._qianwen_prepared = True
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     if config.activation_checkpointing:
         from torch.distributed._composable import checkpoint

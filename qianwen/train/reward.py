@@ -1,0 +1,295 @@
+"""`qianwen rm`: a reward model in the report's two stages, through the same loop as pretraining.
+
+The model is the transformer with a scalar head read at the last token of prompt + reply (QWEN_SPEC.md
+section 6). Pairs `{prompt | messages, chosen, rejected}` (JSONL; a reply ends with <|im_end|> unless the
+record says `chosen_ended` / `rejected_ended` = false, which is how a reply that never ends is shown to the
+model) train it with the pairwise loss -log sigmoid(r_chosen - r_rejected). Stage 1, preference-model
+pretraining (PMP), runs on the large noisy set (`pmp_data`, optional); stage 2 fine-tunes on the clean set
+(`data`). Each stage reports held-out pairwise accuracy. The result, `<out>/rm/`, is a Hugging Face
+Qwen2ForSequenceClassification directory (one label, `score.weight`) whose qianwen.json also holds the
+mean and standard deviation of its rewards on the training replies, for PPO to normalise with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qianwen
+from qianwen.config import apply_overrides, build, load_recipe
+from qianwen.model import Transformer
+from qianwen.tokenizer import Tokenizer
+from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, init_runtime, shutdown
+from qianwen.util import atomic_write
+
+EXAMPLES_SHOWN = 5
+SCORE_FILE = "score.safetensors"
+
+
+@dataclass
+class RMConfig(LoopConfig):
+    model: str = ""  # the model to start from (base/ or sft/)
+    data: str = ""  # the clean pairs of stage 2
+    pmp_data: str = ""  # the large pairs set of stage 1 (preference-model pretraining); "" = no stage 1
+    pmp_steps: int = 200
+    out: str = "runs/rm"  # writes rm/ (and rm-pmp/), checkpoints/, metrics/rm*.jsonl
+    batch_size: int = 8  # pairs per micro-batch per process
+    seq_length: int = 0  # 0 = the model's seq_length
+    val_fraction: float = 0.1
+    eval_batches: int = 8
+    lr: float = 1e-5
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("model", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"rm.{name} is not set; pass {name}=PATH.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(
+                f"val_fraction must be in (0, 1), got {self.val_fraction}: each stage reports held-out accuracy."
+            )
+
+
+def load_config(recipe_path: str | None, overrides: list[str]) -> RMConfig:
+    recipe = apply_overrides(load_recipe(recipe_path), overrides, default_section="rm")
+    return build(RMConfig, recipe.get("rm", {}), "rm")
+
+
+class RewardModel(nn.Module):
+    """The transformer and a scalar head at the last token. forward(ids, last) is the pairwise loss of a
+    batch whose rows alternate chosen, rejected; with pairwise=False, the rewards of every row."""
+
+    def __init__(self, model: Transformer, seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.score = nn.Linear(model.config.hidden_size, 1, bias=False)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.score.weight.copy_(
+                torch.randn(self.score.weight.shape, generator=gen) / math.sqrt(model.config.hidden_size + 1)
+            )
+
+    def forward(self, ids: torch.Tensor, last: torch.Tensor, pairwise: bool = True) -> torch.Tensor:
+        hidden = self.model.hidden_states(ids)
+        rewards = self.score(hidden[torch.arange(len(ids), device=ids.device), last]).squeeze(-1).float()
+        if not pairwise:
+            return rewards
+        return -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+
+
+@dataclass
+class Pairs:
+    rows: list[list[int]]  # chosen, rejected, chosen, rejected, ...
+    lines: int
+    skipped: dict[str, int]
+    examples: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows) // 2
+
+
+def reply_ids(tokenizer: Tokenizer, record: dict, side: str) -> list[int]:
+    prompt = record.get("messages") or [{"role": "user", "content": record.get("prompt")}]
+    reply = record[side]
+    if not isinstance(reply, str):
+        raise ValueError(f"'{side}' must be a string")
+    ended = record.get(f"{side}_ended", True)
+    return tokenizer.render_chat(prompt) + tokenizer.encode(reply) + ([tokenizer.im_end_id] if ended else [])
+
+
+def read_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Pairs:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"preference data {path} does not exist; pass a JSONL of {{prompt, chosen, rejected}}.")
+    out = Pairs([], 0, {}, [])
+
+    def skip(number: int, reason: str, detail: str) -> None:
+        out.skipped[reason] = out.skipped.get(reason, 0) + 1
+        if len(out.examples) < EXAMPLES_SHOWN:
+            out.examples.append(f"{path}:{number}: {detail}")
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            out.lines += 1
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not (record.get("prompt") or record.get("messages")):
+                    raise ValueError("no 'prompt' or 'messages'")
+                pair = [reply_ids(tokenizer, record, "chosen"), reply_ids(tokenizer, record, "rejected")]
+            except json.JSONDecodeError as exc:
+                skip(number, "bad JSON", f"not JSON ({exc.msg})")
+                continue
+            except (ValueError, KeyError, TypeError) as exc:
+                skip(number, "bad record", f"not a preference pair ({exc})")
+                continue
+            if max(map(len, pair)) > max_tokens:
+                skip(number, "too long", f"{max(map(len, pair))} tokens, more than seq_length {max_tokens}")
+                continue
+            out.rows += pair
+    return out
+
+
+class PairBatches:
+    """Shuffled batches of pairs, a pure function of (seed, batch index); rows right-padded."""
+
+    def __init__(self, pairs: Pairs, indices: list[int], batch_size: int, pad_id: int, seed: int):
+        if not indices:
+            raise ValueError("no usable preference pairs; check the data (see the skipped counts).")
+        self.pairs, self.indices, self.batch_size, self.pad_id, self.seed = pairs, indices, batch_size, pad_id, seed
+        self.per_epoch = math.ceil(len(indices) / batch_size)
+
+    def get(self, index: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        order = self.indices
+        if shuffle:
+            order = [self.indices[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+        members = order[position * self.batch_size : (position + 1) * self.batch_size]
+        rows = [self.pairs.rows[2 * i + side] for i in members for side in (0, 1)]
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+        return ids, torch.tensor([len(row) - 1 for row in rows])
+
+
+def reward_model(config: RMConfig, resume: bool = False) -> list[dict]:
+    """Stage 1 (when pmp_data is given) then stage 2; returns this process's metrics records."""
+    model, tokenizer = qianwen.load(config.model, dtype=torch.float32)
+    model.requires_grad_(True)  # loaded for inference
+    rm = RewardModel(model, config.seed)
+    max_tokens = config.seq_length or model.config.seq_length
+    runtime = init_runtime(config.device)
+    history: list[dict] = []
+    try:
+        stages = [("rm-pmp", config.pmp_data, config.pmp_steps)] if config.pmp_data else []
+        for name, data, steps in [*stages, ("rm", config.data, config.steps)]:
+            pairs = read_pairs(data, tokenizer, max_tokens)
+            history += _stage(name, rm, pairs, tokenizer, config, steps, runtime, resume)
+    finally:
+        shutdown(runtime)
+    return history
+
+
+def _stage(name, rm: RewardModel, pairs: Pairs, tokenizer, config: RMConfig, steps: int, runtime: Runtime, resume):
+    every = round(1 / config.val_fraction)
+    val = [i for i in range(len(pairs)) if i % every == every - 1]
+    train = [i for i in range(len(pairs)) if i % every != every - 1]
+    batches = PairBatches(pairs, train, config.batch_size, tokenizer.pad_id, config.seed)
+    held_out = PairBatches(pairs, val, config.batch_size, tokenizer.pad_id, 0) if val else None
+
+    def batch(step: int, micro: int):
+        ids, last = batches.get((step * config.grad_accum + micro) * runtime.world + runtime.rank)
+        return ids.to(runtime.device), last.to(runtime.device)
+
+    def rewards(source: PairBatches, count: int) -> torch.Tensor:
+        out = []
+        for b in range(count):
+            ids, last = source.get(b * runtime.world + runtime.rank, shuffle=False)
+            out.append(module(ids.to(runtime.device), last.to(runtime.device), pairwise=False).double())
+        return torch.cat(out)
+
+    def evaluate() -> dict:
+        count = min(config.eval_batches, held_out.per_epoch // runtime.world)
+        r = rewards(held_out, count)
+        margin = r[0::2] - r[1::2]
+        totals = runtime.sum(torch.stack([(margin > 0).sum().double(), margin.sum(), torch.tensor(len(margin))]))
+        return {
+            "val_accuracy": round((totals[0] / totals[2]).item(), 4),
+            "val_margin": round((totals[1] / totals[2]).item(), 4),
+        }
+
+    metadata = {
+        "stage": name,
+        "pairs": {"lines": pairs.lines, "train": len(train), "val": len(val), "skipped": pairs.skipped},
+        "config": asdict(config),
+    }
+    stage = Stage(
+        name=name,
+        module=rm,
+        batch=batch,
+        export=reward_export(rm.model.config, tokenizer, metadata),
+        evaluate=evaluate if held_out and held_out.per_epoch >= runtime.world else None,
+    )
+    config_for_stage = LoopConfig(**{**_loop_fields(config), "steps": steps})
+    trainer = Trainer(stage, config_for_stage, Path(config.out), runtime)
+    module = trainer.module
+    if runtime.main:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in pairs.skipped.items()) or "none"
+        print(
+            f"{name}: {len(train):,} pairs to train on, {len(val):,} held out, from {pairs.lines:,} lines (skipped: {skipped})"
+        )
+        for example in pairs.examples:
+            print(f"{name}: skipped {example}")
+    history = trainer.fit(resume=resume)
+    # Rewards on the training replies: the mean and spread PPO normalises with.
+    module.eval()
+    with torch.no_grad():
+        r = rewards(batches, min(batches.per_epoch // runtime.world, 64))
+    stats = runtime.sum(torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(len(r)), dtype=torch.float64)]))
+    mean = (stats[0] / stats[2]).item()
+    metadata["reward"] = {"mean": mean, "std": math.sqrt(max((stats[1] / stats[2]).item() - mean * mean, 0.0))}
+    evaluation = [h for h in history if "val_accuracy" in h]
+    if evaluation:
+        metadata["val_accuracy"] = evaluation[-1]["val_accuracy"]
+    trainer.export(trainer.latest() / "model")  # again, now with the reward statistics
+    if runtime.main:
+        print(f"{name}: wrote {trainer.publish(Path(config.out) / name)}")
+    return history
+
+
+def _loop_fields(config: RMConfig) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(config, f.name) for f in fields(LoopConfig)}
+
+
+def reward_export(model_config, tokenizer, metadata: dict):
+    """A Stage.export writing Qwen2ForSequenceClassification: the transformer's files, config.json
+    relabelled, and `score.weight` beside the weights (lm_head stays, so qianwen.load still reads it)."""
+
+    def export(state: dict, directory: Path) -> None:
+        with torch.device("meta"):
+            model = Transformer(model_config)
+        body = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        model.load_state_dict(body, assign=True)
+        qianwen.save(model, tokenizer, directory, metadata)
+        score = {"score.weight": state["score.weight"].to(model.embed.weight.dtype).contiguous()}
+        index_path = directory / "model.safetensors.index.json"
+        if index_path.is_file():  # sharded: the head gets a file of its own, named in the index
+            atomic_write(directory / SCORE_FILE, lambda tmp: save_file(score, tmp, metadata={"format": "pt"}))
+            index = json.loads(index_path.read_text())
+            index["weight_map"]["score.weight"] = SCORE_FILE
+            atomic_write(index_path, json.dumps(index, indent=2))
+        else:
+            tensors = {**load_file(directory / "model.safetensors"), **score}
+            atomic_write(
+                directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+            )
+        config = json.loads((directory / "config.json").read_text())
+        config.update(architectures=["Qwen2ForSequenceClassification"], num_labels=1, pad_token_id=tokenizer.pad_id)
+        atomic_write(directory / "config.json", json.dumps(config, indent=2))
+
+    return export
+
+
+def load_reward_model(directory: str | Path, device: str = "cpu") -> tuple[RewardModel, Tokenizer, dict]:
+    """A reward model written by `qianwen rm` (eval mode), its tokenizer and its reward statistics."""
+    directory = Path(directory)
+    model, tokenizer = qianwen.load(directory, dtype=torch.float32, device=device)
+    rm = RewardModel(model).to(device).eval()
+    index = directory / "model.safetensors.index.json"
+    source = directory / (SCORE_FILE if index.is_file() else "model.safetensors")
+    with torch.no_grad():
+        rm.score.weight.copy_(load_file(source)["score.weight"])
+    meta = json.loads((directory / "qianwen.json").read_text())
+    return rm, tokenizer, meta.get("reward", {"mean": 0.0, "std": 1.0})

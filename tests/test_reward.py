@@ -1,0 +1,91 @@
+"""The reward model: pairs read with bad lines counted, a separable set separated in both stages, and the
+exported directory scored by transformers' Qwen2ForSequenceClassification exactly as by us."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qianwen
+from qianwen.cli import main
+from qianwen.config import ModelConfig
+from qianwen.tokenizer import Tokenizer
+from qianwen.train.reward import load_config, load_reward_model, read_pairs, reply_ids, reward_model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    config = ModelConfig(
+        vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seq_length=128
+    )
+    model = qianwen.Transformer(config)
+    model.init_weights(0)
+    qianwen.save(model, tok, out)
+    return out
+
+
+def pairs_file(path: Path, n: int, seed: int, flip: float = 0.0) -> Path:
+    """Correct sums are chosen, wrong ones rejected (flipped for a fraction: the noisy PMP set)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(0, 50, 2))
+        good, bad = f"{a + b}", f"{a + b + int(rng.integers(1, 9))}"
+        if rng.random() < flip:
+            good, bad = bad, good
+        lines.append(json.dumps({"prompt": f"{a}+{b}=?", "chosen": f"It is {good}.", "rejected": f"um {bad}..."}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_pairs_are_rendered_in_chatml_and_bad_lines_counted(base_dir, tmp_path):
+    _, tok = qianwen.load(base_dir)
+    record = {"prompt": "hi", "chosen": "yes", "rejected": "no", "rejected_ended": False}
+    assert reply_ids(tok, record, "chosen") == tok.render_chat([{"role": "user", "content": "hi"}]) + [
+        *tok.encode("yes"),
+        tok.im_end_id,
+    ]
+    assert reply_ids(tok, record, "rejected")[-1] != tok.im_end_id  # a reply that never ends shows no end
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n{bad\n" + json.dumps({"prompt": "x", "chosen": 3, "rejected": "y"}) + "\n")
+    pairs = read_pairs(path, tok, max_tokens=128)
+    assert len(pairs) == 1 and pairs.skipped == {"bad JSON": 1, "bad record": 1}
+    assert pairs.examples[0].startswith(f"{path}:2: not JSON")
+
+
+def test_both_stages_separate_pairs_and_export_a_sequence_classifier(base_dir, tmp_path, capsys):
+    from transformers import Qwen2ForSequenceClassification
+
+    pmp = pairs_file(tmp_path / "pmp.jsonl", 200, seed=1, flip=0.1)
+    clean = pairs_file(tmp_path / "clean.jsonl", 100, seed=2)
+    settings = [f"model={base_dir}", f"data={clean}", f"pmp_data={pmp}", f"out={tmp_path}", "lr=3e-3", "batch_size=8"]
+    history = reward_model(load_config(None, [*settings, "pmp_steps=40", "steps=30", "log_every=5"]))
+    accuracy = [r["val_accuracy"] for r in history if "val_accuracy" in r]
+    assert len(accuracy) == 2 and accuracy[-1] >= 0.9, accuracy
+    assert "rm-pmp: 180 pairs to train on, 20 held out" in capsys.readouterr().out
+    for stage in ("rm-pmp", "rm"):
+        assert (tmp_path / stage / "qianwen.json").is_file() and (tmp_path / "metrics" / f"{stage}.jsonl").is_file()
+    meta = json.loads((tmp_path / "rm" / "qianwen.json").read_text())
+    assert meta["stage"] == "rm" and meta["val_accuracy"] == accuracy[-1] and meta["reward"]["std"] > 0
+
+    rm, tok, stats = load_reward_model(tmp_path / "rm")
+    assert stats == meta["reward"]
+    hf = Qwen2ForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    ids = torch.tensor([reply_ids(tok, {"prompt": "3+4=?", "chosen": "It is 7."}, "chosen")])
+    with torch.no_grad():
+        ours = rm(ids, torch.tensor([ids.shape[1] - 1]), pairwise=False)
+        theirs = hf(ids).logits[:, 0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
+    assert main(["rm", f"model={base_dir}"]) == 2
+    assert capsys.readouterr().err == "error: rm.data is not set; pass data=PATH.\n"
+    assert main(["rm", f"model={base_dir}", f"data={tmp_path}/none.jsonl", f"out={tmp_path}"]) == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err
