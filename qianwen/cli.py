@@ -310,6 +310,26 @@ def _is_override(item: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# data synthetic
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from time import perf_counter
+
+    from qianwen.data.synthetic import SandboxError, make_all, summary
+
+    # Options left out are absent (argparse.SUPPRESS), so make_all's defaults are the only ones.
+    given = {k: v for k, v in vars(args).items() if k in ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip")}
+    start = perf_counter()
+    try:
+        manifest = make_all(args.out, **given)
+    except SandboxError as exc:
+        raise CommandError(str(exc)) from None
+    print(summary(manifest, args.out, perf_counter() - start))
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # convert, download, run
 
 
@@ -432,6 +452,60 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.harness == "lm-eval":
+        try:
+            from qianwen.eval.lm_eval_adapter import run_harness
+        except ModuleNotFoundError as exc:
+            if exc.name == "qianwen.eval.lm_eval_adapter":
+                raise ValueError("--harness lm-eval: the lm-eval adapter is not in this copy of qianwen.") from None
+            raise ValueError(f"--harness lm-eval needs the {exc.name} package; pip install lm-eval.") from None
+        return run_harness(args)
+    from qianwen.eval import harness, tasks
+
+    modules = {name: tasks.load(name) for name in tasks.resolve(args.tasks)}
+    extra = harness.parse_extra(args.options)
+    harness.check_extra(modules, extra)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is not a directory; give the folder holding the benchmark files.")
+    # Everything a user can get wrong is checked before the model loads, the output folder included.
+    out = Path(args.out) if args.out else harness.default_out(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = _load(args)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    options = harness.TaskOptions(data_dir, args.limit, args.batch_size, args.seed)
+    meta = {
+        "model": str(Path(args.model).resolve()),
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "device": args.device,
+        "data_dir": str(data_dir.resolve()) if data_dir else None,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "options": extra,
+        "qianwen": qianwen.__version__,
+    }
+    done = harness.run_tasks(model, tok, modules, options, extra, lambda d: harness.write_outputs(out, d, meta))
+    print(harness.markdown(done), end="")
+    print(f"wrote {out}, {out.with_suffix('.md').name} and the per-sample logs beside it", file=sys.stderr)
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from qianwen.train.loop import TrainingError
+    from qianwen.train.ppo import load_config, ppo
+
+    try:
+        ppo(load_config(args.recipe, args.overrides))
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Parser and entry point
 
 
@@ -506,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into DIR even if it holds files")
     p.set_defaults(func=cmd_tokenizer_train)
 
-    p = commands.add_parser("data", help="pretraining data: `data prep` makes token shards from text and code")
+    p = commands.add_parser(
+        "data",
+        help="data: `data prep` makes token shards from text and code; `data synthetic` writes checkable tasks",
+    )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser(
         "prep",
@@ -532,6 +609,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_data_prep)
+
+    p = actions.add_parser(
+        "synthetic",
+        help="write seeded tasks a program can check (arithmetic, instructions, tool use; English and Chinese)",
+        description="Write SFT conversations, preference pairs (a noisy PMP set with flipped labels, a clean RM "
+        "set), PPO prompts and held-out eval sets with answers, all JSONL, and OUT/manifest.json. Tool transcripts "
+        "run their code in the sandbox. The same seed writes the same bytes.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the files")
+    p.add_argument("--seed", type=int, metavar="S", help="default 0")
+    p.add_argument("--sft", type=int, metavar="N", help="SFT conversations (default 2000)")
+    p.add_argument("--pairs", type=int, metavar="N", help="clean preference pairs for RM fine-tuning (default 1000)")
+    p.add_argument("--pmp", type=int, metavar="N", help="noisy preference pairs for PMP (default 4000)")
+    p.add_argument("--ppo", type=int, metavar="N", help="PPO prompts (default 1000)")
+    p.add_argument("--eval", type=int, dest="eval_size", metavar="N", help="records per held-out file (default 200)")
+    p.add_argument("--flip", type=float, metavar="F", help="fraction of PMP labels swapped (default 0.1)")
+    p.set_defaults(func=cmd_data_synthetic)
 
     p = commands.add_parser(
         "run",
@@ -577,6 +672,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in OUT")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_rm)
+
+    p = commands.add_parser(
+        "ppo",
+        help="PPO-RLHF: policy and reference from SFT, value and reward from the reward model",
+        description="Settings come from the recipe's [ppo] section, then KEY=VALUE overrides, e.g. "
+        "policy=runs/x/sft reward_model=runs/x/rm prompts=prompts.jsonl out=runs/x steps=100.",
+    )
+    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_ppo)
+
+    p = commands.add_parser(
+        "eval",
+        help="score a checkpoint on benchmarks (humaneval, gsm8k, mmlu, ceval, arith, bpb, longctx)",
+        description="Run each task of --tasks with the report's protocol and write a summary JSON (--out, default "
+        "<model>/../eval/<model dir name>.json), <stem>.<task>.jsonl sample logs, the Markdown table <stem>.md and "
+        "any plots beside it. Task options as KEY=VALUE (every task reading KEY) or TASK.KEY=VALUE, e.g. "
+        "humaneval.n=20 temperature=0.8. --harness lm-eval runs lm-evaluation-harness tasks instead.",
+    )
+    _add_model_options(p)
+    p.add_argument("--tasks", required=True, metavar="LIST", help="comma-separated task names")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of benchmark files (each task's docstring names its own)")
+    p.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="at most N samples per task (per subject for mmlu, ceval)"
+    )
+    p.add_argument("--out", metavar="FILE", help="summary JSON (default <model>/../eval/<model dir name>.json)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per forward (default 8)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="for sampled generation (default 0)")
+    p.add_argument("--harness", choices=["qianwen", "lm-eval"], default="qianwen", help="default qianwen")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

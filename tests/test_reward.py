@@ -52,6 +52,8 @@ def test_pairs_are_rendered_in_chatml_and_bad_lines_counted(base_dir, tmp_path):
         tok.im_end_id,
     ]
     assert reply_ids(tok, record, "rejected")[-1] != tok.im_end_id  # a reply that never ends shows no end
+    spelled = {"prompt": "hi", "chosen": "yes<|im_end|>", "chosen_ended": True}
+    assert reply_ids(tok, spelled, "chosen") == reply_ids(tok, record, "chosen")
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(record) + "\n{bad\n" + json.dumps({"prompt": "x", "chosen": 3, "rejected": "y"}) + "\n")
     pairs = read_pairs(path, tok, max_tokens=128)

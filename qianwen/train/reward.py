@@ -102,8 +102,10 @@ def reply_ids(tokenizer: Tokenizer, record: dict, side: str) -> list[int]:
     reply = record[side]
     if not isinstance(reply, str):
         raise ValueError(f"'{side}' must be a string")
+    # A file may spell the end as text; text never becomes a control token, so the id is appended instead.
     ended = record.get(f"{side}_ended", True)
-    return tokenizer.render_chat(prompt) + tokenizer.encode(reply) + ([tokenizer.im_end_id] if ended else [])
+    body = tokenizer.encode(reply.removesuffix("<|im_end|>"))
+    return tokenizer.render_chat(prompt) + body + ([tokenizer.im_end_id] if ended else [])
 
 
 def read_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Pairs:

@@ -1,0 +1,445 @@
+"""Task data a program can check (issue 4, deliverable 1), seeded, in English and Chinese: what the tiny recipe
+fine-tunes on, trains its reward model on, runs PPO on and is scored with.
+
+    make_all("runs/tiny/synthetic", seed=0)      # every file below, and manifest.json
+    check_answer("arithmetic", "42", reply)      # evaluation and PPO's programmatic reward
+    flaws("arithmetic", "42", reply, lang="zh")  # ["wrong_answer", "wrong_language", "rambling", "unended"]
+
+Tasks (synthetic_arith.py, synthetic_tasks.py): GSM8K-style word problems ending "The answer is N." /
+"答案是 N。"; simple instructions (reverse, sort, count letters, repeat, upper case, answer in a given language);
+ReAct transcripts (QWEN_SPEC.md section 7) for arithmetic too large to do in one's head, whose Observation is
+what the code really printed in qianwen.sandbox.
+
+Files, all JSONL but the manifest:
+- sft.jsonl: `{"messages": [system, user, assistant], "kind", "lang", "answer", "data"}`.
+- pmp.jsonl (preference-model pretraining: larger, a fraction of labels flipped), rm.jsonl (clean, RM fine-tuning),
+  rm_eval.jsonl (clean, held out): `{"messages": [system, user], "chosen", "rejected", "kind", "lang", "answer",
+  "rejection", "flipped", "chosen_ended", "rejected_ended"}`. A reply that ends carries the literal `<|im_end|>`
+  at its end; a trainer strips it and appends the token id (never encode it as special from the text: the same
+  text in user data must stay plain). `rejection` names what is wrong with the bad reply: a wrong answer (a
+  plausible mistake), rambling (the right content buried in repeated filler), the wrong language, or unended
+  (cut off, no final line and no `<|im_end|>`).
+- ppo.jsonl: `{"prompt", "answer", "kind", "lang", "data"}`, prompts with a programmatic reward (no tool tasks: PPO
+  generates without running tools).
+- arith_eval.jsonl, instruct_eval.jsonl, tool_eval.jsonl: the same shape as ppo.jsonl, held out. No task (its
+  numbers, word or list, whatever the wording or language) in any held-out file is in a training file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+
+from qianwen.data import synthetic_arith, synthetic_tasks
+from qianwen.data.synthetic_tasks import LANGS, Example, tool_transcript
+from qianwen.tokenizer import DEFAULT_SYSTEM
+from qianwen.util import atomic_write
+
+END = "<|im_end|>"
+REJECTIONS = ("wrong_answer", "wrong_language", "rambling", "unended")
+GENERATORS: dict[str, Callable[[random.Random, str], Example]] = {
+    "arithmetic": synthetic_arith.arithmetic,
+    "instruction": synthetic_tasks.instruction,
+    "tool": synthetic_tasks.tool_problem,
+}
+MIX = {"arithmetic": 0.5, "instruction": 0.3, "tool": 0.2}
+PPO_MIX = {"arithmetic": 0.7, "instruction": 0.3}
+EVAL_SETS = {
+    "arith_eval": {"arithmetic": 1.0},
+    "instruct_eval": {"instruction": 1.0},
+    "tool_eval": {"tool": 1.0},
+}
+SANDBOX_BATCH = 500  # codes per sandbox start: starting one costs ~20 ms, a line of arithmetic microseconds
+
+
+class SandboxError(RuntimeError):
+    """The tool transcripts' code could not run in qianwen.sandbox."""
+
+
+# ---------------------------------------------------------------------------
+# Checkers
+
+_NUMBER = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?"
+_NUMBERS = re.compile(_NUMBER)
+_FINAL = re.compile(rf"(?:final\s*answer|answer\s+is|answer\s*[:：]|答案\s*(?:是|为)?|####)[\s:：*$]*({_NUMBER})", re.I)
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]+")
+_SENTENCES = re.compile(r"[^.!?。！？\n]+")
+_REPLY_LANG = {"answer_in_en": "en", "answer_in_zh": "zh"}
+
+
+def final_number(reply: str) -> Fraction | None:
+    """The number a reply gives as its answer: the one after the last "The answer is", "答案是", "Final Answer:" or
+    "####", else the last number in the reply; None when there is none."""
+    matches = list(_FINAL.finditer(reply))
+    found = matches[-1].group(1) if matches else (_NUMBERS.findall(reply) or [None])[-1]
+    return None if found is None else Fraction(found.replace(",", ""))
+
+
+def language(text: str) -> str | None:
+    """The text's language: "zh" when its Chinese characters number at least a third of its Latin letters (so a
+    Chinese reply quoting an English word stays Chinese), else "en" when it has Latin letters, else None."""
+    cjk, latin = len(_CJK.findall(text)), sum(map(len, _LATIN.findall(text)))
+    if cjk and cjk * 3 >= latin:
+        return "zh"
+    return "en" if latin else None
+
+
+def rambles(text: str, times: int = 3) -> bool:
+    """Whether a sentence (of four characters or more) comes back `times` times or more."""
+    counts = Counter(" ".join(s.lower().split()) for s in _SENTENCES.findall(text))
+    return any(n >= times for sentence, n in counts.items() if len(sentence) >= 4)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"-?\d+", text)]
+
+
+def _same_number(expected: str, text: str) -> bool:
+    return final_number(text) == Fraction(expected)
+
+
+def _last_int(expected: str, text: str) -> bool:
+    return _ints(text)[-1:] == [int(expected)]
+
+
+# Whether a reply (its end marker removed) gives the expected answer, language aside.
+_CHECKS: dict[str, Callable[[str, str], bool]] = {
+    "arithmetic": _same_number,
+    "tool": _same_number,
+    "reverse": lambda expected, text: [w.lower() for w in _LATIN.findall(text)][-1:] == [expected.lower()],
+    "sort": lambda expected, text: _ints(_last_line(text)) == _ints(expected),
+    "count": _last_int,
+    "repeat": lambda expected, text: _LATIN.findall(_last_line(text)) == expected.split(),
+    "uppercase": lambda expected, text: (
+        [w for w in _LATIN.findall(_last_line(text)) if w.isupper()] == expected.split()
+    ),
+    "answer_in_en": _last_int,
+    "answer_in_zh": _last_int,
+}
+KINDS = tuple(_CHECKS)
+
+
+def flaws(kind: str, expected: str, reply: str, lang: str | None = None) -> list[str]:
+    """What is wrong with `reply`, as names from REJECTIONS (empty: a good reply). A reply has ended when it ends
+    with `<|im_end|>`. The language is checked for "answer in" instructions, and for arithmetic when `lang` (the
+    question's language) is given."""
+    if kind not in _CHECKS:
+        raise ValueError(f"unknown task kind {kind!r}; use one of {', '.join(KINDS)}.")
+    text = reply.rstrip()
+    ended = text.endswith(END)
+    text = text.removesuffix(END)
+    found = [] if _CHECKS[kind](str(expected), text) else ["wrong_answer"]
+    wanted = _REPLY_LANG.get(kind, lang if kind == "arithmetic" else None)
+    if wanted is not None and language(text) != wanted:
+        found.append("wrong_language")
+    if rambles(text):
+        found.append("rambling")
+    if not ended:
+        found.append("unended")
+    return found
+
+
+def check_answer(kind: str, expected: str, reply: str, lang: str | None = None) -> bool:
+    """Whether `reply` answers right (and in the right language where that is checked; see `flaws`), however
+    rambling or unended it is: "The answer is N." / "答案是 N。" / "Final Answer: N" (commas, "$" and "**"
+    allowed), else the last number, for arithmetic; the reply's last line for sorting, repeating, upper case."""
+    return not {"wrong_answer", "wrong_language"} & set(flaws(kind, expected, reply, lang))
+
+
+# ---------------------------------------------------------------------------
+# Drawing tasks
+
+
+def draw(
+    rng: random.Random, n: int, mix: dict[str, float], held_out: Iterable[tuple] = (), distinct: bool = False
+) -> list[Example]:
+    """`n` examples of the groups in `mix` (arithmetic, instruction, tool) by weight, in either language, none with
+    a key in `held_out`, no prompt twice (no task twice when `distinct`, as held-out sets want)."""
+    held_out = set(held_out)
+    groups, weights = list(mix), list(mix.values())
+    examples, seen, misses = [], set(), 0
+    while len(examples) < n:
+        example = GENERATORS[rng.choices(groups, weights)[0]](rng, rng.choice(LANGS))
+        mark = example.key if distinct else example.prompt
+        if example.key in held_out or mark in seen:
+            misses += 1
+            if misses > 1000 + 10 * n:
+                raise ValueError(f"there are not {n} different {'/'.join(groups)} tasks to draw; ask for fewer.")
+            continue
+        seen.add(mark)
+        examples.append(example)
+    return examples
+
+
+_DRIVER = """import contextlib, io, json
+printed = []
+for code in json.load(open("codes.json")):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {"__name__": "__main__"})
+    printed.append(out.getvalue())
+print(json.dumps(printed))
+"""
+
+
+def run_tool_code(codes: Sequence[str]) -> dict[str, str]:
+    """What each piece of code prints when it runs in qianwen.sandbox, each in a fresh namespace; identical code
+    runs once, and many share one sandbox start."""
+    try:
+        from qianwen.sandbox import run
+    except ImportError as exc:
+        raise SandboxError(
+            f"tool transcripts run their code in qianwen.sandbox, which cannot load here: {exc}."
+        ) from None
+    unique = list(dict.fromkeys(codes))
+    printed: dict[str, str] = {}
+    for start in range(0, len(unique), SANDBOX_BATCH):
+        batch = unique[start : start + SANDBOX_BATCH]
+        try:
+            result = run(_DRIVER, files={"codes.json": json.dumps(batch).encode()}, timeout=120)
+        except (RuntimeError, OSError) as exc:
+            raise SandboxError(f"tool transcripts run their code in qianwen.sandbox, which failed: {exc}") from None
+        if result.status != "ok":
+            detail = result.stderr.strip().splitlines()[-1:] or [result.limit or result.status]
+            raise SandboxError(f"the sandbox could not run the tool transcripts' code ({result.status}: {detail[0]}).")
+        printed.update(zip(batch, json.loads(result.stdout)))
+    return printed
+
+
+def with_observations(examples: list[Example]) -> list[Example]:
+    """The examples, tool problems given their transcripts: the Observation is what the code printed."""
+    pending = [e.data["code"] for e in examples if e.kind == "tool" and not e.response]
+    printed = run_tool_code(pending) if pending else {}
+    done = []
+    for e in examples:
+        if e.kind == "tool" and not e.response:
+            observation = printed[e.data["code"]].rstrip("\n")
+            if observation != e.answer:
+                raise SandboxError(f"{e.data['code']!r} printed {observation!r} in the sandbox, not {e.answer}.")
+            transcript = tool_transcript(e.data["code"], observation, e.lang)
+            e = replace(e, response=transcript, data={**e.data, "observation": observation})
+        done.append(e)
+    return done
+
+
+# ---------------------------------------------------------------------------
+# Preference pairs
+
+_FILLER = {
+    "en": (
+        "Let me think about this carefully.",
+        "Hmm, let me read the question again.",
+        "I want to be sure about this.",
+        "Let me check that once more.",
+    ),
+    "zh": ("让我仔细想一想。", "我再读一遍题目。", "我要确保没有弄错。", "让我再检查一下。"),
+}
+
+
+def _rambling(example: Example, rng: random.Random) -> str:
+    filler = rng.choice(_FILLER[example.lang])
+    tool = example.kind == "tool"
+    if tool:
+        filler = f"Thought: {filler}"  # rambling in the ReAct format's own words, where a thought may go
+    lines = []
+    for i, line in enumerate(example.response.split("\n")):
+        if not tool or line.startswith(("Thought:", "Final Answer:")):
+            lines += [filler] * rng.randint(2 if i == 0 else 1, 3 if i == 0 else 2)
+        lines.append(line)
+    return "\n".join([*lines, *[filler] * rng.randint(1, 2)])
+
+
+def _unended(example: Example, rng: random.Random) -> str:
+    """The reply without its final line, and often cut further, mid-word, as when tokens run out."""
+    text = example.response
+    body = text.rsplit("\n", 1)[0]
+    longest = len(body) if body != text else len(body) - 1
+    return body[: rng.randint(max(1, len(body) // 3), longest)].rstrip()
+
+
+def _other_language(example: Example) -> str | None:
+    if example.kind == "arithmetic":
+        return synthetic_arith.other_language_reply(example)
+    return synthetic_tasks.other_language_reply(example)
+
+
+def rejections_for(example: Example) -> list[str]:
+    """The kinds of bad reply that can be made for `example` (the wrong language only where it is checked)."""
+    return [r for r in REJECTIONS if r != "wrong_language" or _other_language(example) is not None]
+
+
+def preference_pair(example: Example, rng: random.Random, rejection: str | None = None) -> dict:
+    """A record of pmp/rm.jsonl: the reference reply against a bad one (`rejection`, default: any that fits)."""
+    options = rejections_for(example)
+    rejection = rejection or rng.choice(options)
+    if rejection not in options:
+        raise ValueError(f"a {example.kind} example cannot be rejected as {rejection!r}; use one of {options}.")
+    if rejection == "wrong_answer":
+        wrong = synthetic_arith.wrong_reply if example.kind == "arithmetic" else synthetic_tasks.wrong_reply
+        rejected = wrong(example, rng) + END
+    elif rejection == "wrong_language":
+        rejected = _other_language(example) + END
+    elif rejection == "rambling":
+        rejected = _rambling(example, rng) + END
+    else:
+        rejected = _unended(example, rng)
+    return {
+        "messages": _messages(example),
+        "chosen": example.response + END,
+        "rejected": rejected,
+        "kind": example.kind,
+        "lang": example.lang,
+        "answer": example.answer,
+        "rejection": rejection,
+        "flipped": False,
+        "chosen_ended": True,
+        "rejected_ended": rejection != "unended",
+    }
+
+
+def preference_pairs(examples: Sequence[Example], rng: random.Random, flip: float = 0.0) -> list[dict]:
+    """One pair per example; round(flip * n) of them, chosen at random, with the labels swapped (`flipped`)."""
+    pairs = [preference_pair(e, rng) for e in examples]
+    for i in sorted(rng.sample(range(len(pairs)), round(flip * len(pairs)))):
+        p = pairs[i]
+        p.update(
+            chosen=p["rejected"],
+            rejected=p["chosen"],
+            chosen_ended=p["rejected_ended"],
+            rejected_ended=p["chosen_ended"],
+            flipped=True,
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------------
+# Records and files
+
+
+def _messages(example: Example) -> list[dict]:
+    return [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": example.prompt}]
+
+
+def sft_record(example: Example) -> dict:
+    messages = [*_messages(example), {"role": "assistant", "content": example.response}]
+    return {
+        "messages": messages,
+        "kind": example.kind,
+        "lang": example.lang,
+        "answer": example.answer,
+        "data": example.data,
+    }
+
+
+def prompt_record(example: Example) -> dict:
+    """A record of ppo.jsonl and of the held-out sets (for tools, data["question"] is the bare question)."""
+    return {
+        "prompt": example.prompt,
+        "answer": example.answer,
+        "kind": example.kind,
+        "lang": example.lang,
+        "data": example.data,
+    }
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _counts(records: list[dict], pairs: bool) -> dict:
+    counts = {
+        "records": len(records),
+        "kinds": dict(sorted(Counter(r["kind"] for r in records).items())),
+        "langs": dict(sorted(Counter(r["lang"] for r in records).items())),
+    }
+    if pairs:
+        counts["rejections"] = dict(sorted(Counter(r["rejection"] for r in records).items()))
+        counts["flipped"] = sum(r["flipped"] for r in records)
+    return counts
+
+
+def make_all(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    sft: int = 2000,
+    pairs: int = 1000,
+    pmp: int = 4000,
+    ppo: int = 1000,
+    eval_size: int = 200,
+    flip: float = 0.1,
+) -> dict:
+    """Write the whole synthetic set into `out_dir` and return its manifest (also manifest.json): `sft`
+    conversations, `pairs` clean preference pairs (rm.jsonl), `pmp` noisy ones with a fraction `flip` of labels
+    swapped, `ppo` prompts, and `eval_size` records in each held-out file. The same seed gives the same bytes."""
+    sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"the {name} size must be a whole number, 0 or more, got {value!r}.")
+    if isinstance(flip, bool) or not isinstance(flip, int | float) or not 0 <= flip < 0.5:
+        raise ValueError(f"flip is the fraction of PMP labels to swap and must be in [0, 0.5), got {flip!r}.")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a directory for the synthetic set.")
+
+    def rng(name: str) -> random.Random:
+        return random.Random(f"{seed}/{name}")  # a stream per file: one training size changed leaves the rest alone
+
+    held = {name: draw(rng(name), eval_size, mix, distinct=True) for name, mix in EVAL_SETS.items()}
+    held["rm_eval"] = draw(rng("rm_eval"), eval_size, MIX, distinct=True)
+    keys = {e.key for examples in held.values() for e in examples}
+    train = {
+        "sft": draw(rng("sft"), sft, MIX, keys),
+        "rm": draw(rng("rm"), pairs, MIX, keys),
+        "pmp": draw(rng("pmp"), pmp, MIX, keys),
+        "ppo": draw(rng("ppo"), ppo, PPO_MIX, keys),
+    }
+    # Every tool problem's code runs in one pass through the sandbox.
+    sets = {**held, **train}
+    done = iter(with_observations([e for examples in sets.values() for e in examples]))
+    sets = {name: [next(done) for _ in examples] for name, examples in sets.items()}
+
+    files = {
+        "sft.jsonl": [sft_record(e) for e in sets["sft"]],
+        "pmp.jsonl": preference_pairs(sets["pmp"], rng("pmp/pairs"), flip),
+        "rm.jsonl": preference_pairs(sets["rm"], rng("rm/pairs")),
+        "rm_eval.jsonl": preference_pairs(sets["rm_eval"], rng("rm_eval/pairs")),
+        "ppo.jsonl": [prompt_record(e) for e in sets["ppo"]],
+        **{f"{name}.jsonl": [prompt_record(e) for e in sets[name]] for name in EVAL_SETS},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in files.items():
+        write_jsonl(out / name, records)
+    manifest = {
+        "seed": seed,
+        "sizes": sizes,
+        "flip": flip,
+        "files": {
+            name: _counts(records, name in ("pmp.jsonl", "rm.jsonl", "rm_eval.jsonl"))
+            for name, records in files.items()
+        },
+    }
+    atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    return manifest
+
+
+def summary(manifest: dict, out_dir: str | os.PathLike, seconds: float) -> str:
+    """What `qianwen data synthetic` prints: one line per file."""
+    lines = [f"wrote the synthetic set (seed {manifest['seed']}) to {out_dir} in {seconds:.1f} s:"]
+    for name, counts in manifest["files"].items():
+        kinds = ", ".join(f"{kind} {n}" for kind, n in counts["kinds"].items())
+        flipped = f"; {counts['flipped']} flipped" if counts.get("flipped") else ""
+        lines.append(f"  {name:20s} {counts['records']:6d}  ({kinds}{flipped})")
+    return "\n".join(lines)

@@ -1,0 +1,365 @@
+"""The synthetic task set: answers recomputed independently, checkers against hand-written replies, tool
+transcripts against Python and the agent's own ReAct prompt and parser, every rejected reply really wrong by its
+checker, flipped fraction, held-out sets disjoint from training, file formats, determinism, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from qianwen.cli import main
+from qianwen.data import synthetic, synthetic_tasks
+from qianwen.data.synthetic import END, check_answer, flaws, make_all, preference_pair, preference_pairs
+from qianwen.data.synthetic_arith import arithmetic
+from qianwen.data.synthetic_tasks import CODE_INTERPRETER, INSTRUCTION_KINDS, WORDS, instruction, tool_problem
+
+SIZES = {"sft": 60, "pairs": 40, "pmp": 100, "ppo": 30, "eval_size": 30}
+FILES = ["sft", "pmp", "rm", "rm_eval", "ppo", "arith_eval", "instruct_eval", "tool_eval"]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: Fraction(a, b)}
+
+
+def load(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synthetic")
+    make_all(path, seed=7, **SIZES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(out) -> dict[str, list[dict]]:
+    return {name: load(out / f"{name}.jsonl") for name in FILES}
+
+
+@pytest.fixture(scope="module")
+def examples() -> list:
+    """Examples of every generator in both languages, tool transcripts run in the sandbox."""
+    rng = random.Random(0)
+    drawn = [arithmetic(rng, lang) for lang in ("en", "zh") for _ in range(150)]
+    drawn += [instruction(rng, lang, kind) for lang in ("en", "zh") for kind in INSTRUCTION_KINDS for _ in range(25)]
+    drawn += [tool_problem(rng, lang) for lang in ("en", "zh") for _ in range(40)]
+    return synthetic.with_observations(drawn)
+
+
+# ---------------------------------------------------------------------------
+# Tasks
+
+
+def test_arithmetic_answers_recomputed_from_the_question(examples):
+    for ex in (e for e in examples if e.kind == "arithmetic"):
+        in_question = {int(n) for n in re.findall(r"\d+", ex.prompt)}
+        results: list[Fraction] = []
+        for (a, op, b), (sa, sop, sb, sc) in zip(ex.data["ops"], ex.data["steps"]):
+            a, b = (results[int(x[1:])] if isinstance(x, str) else x for x in (a, b))
+            assert {a, b} - set(results) <= in_question, ex.prompt  # operands come from the question or earlier steps
+            value = OPS[op](a, b)
+            assert value.denominator == 1 and value > 0, ex.prompt
+            assert [sa, sop, sb, sc] == [a, op, b, value]
+            results.append(value)
+        assert 1 <= len(results) <= 3
+        assert ex.answer == str(results[-1])
+        lines = ex.response.split("\n")
+        assert len(lines) == len(results) + 1
+        shown = {"+": "+", "-": "-", "*": "×", "/": "÷"}
+        for line, (a, op, b, c) in zip(lines, ex.data["steps"]):
+            assert f"{a} {shown[op]} {b} = {c}" in line
+        assert lines[-1] == ("The answer is {}." if ex.lang == "en" else "答案是 {}。").format(ex.answer)
+
+
+def test_chinese_examples_are_chinese_and_english_ones_are_not(examples):
+    langs = {e.lang for e in examples}
+    assert langs == {"en", "zh"}
+    assert {len(e.data["ops"]) for e in examples if e.kind == "arithmetic"} == {1, 2, 3}
+    for ex in examples:
+        question = ex.data.get("question", ex.prompt)
+        assert bool(CJK.search(question)) == (ex.lang == "zh"), question
+        if ex.kind == "arithmetic":
+            assert bool(CJK.search(ex.response)) == (ex.lang == "zh")
+            assert re.fullmatch(
+                r"答案是 \d+。" if ex.lang == "zh" else r"The answer is \d+\.", ex.response.split("\n")[-1]
+            )
+    reply_lang = {"answer_in_en": "en", "answer_in_zh": "zh"}
+    for ex in (e for e in examples if e.kind in reply_lang):
+        assert bool(CJK.search(ex.response)) == (reply_lang[ex.kind] == "zh"), ex.response
+
+
+def test_instruction_answers_and_checkers(examples):
+    expected = {
+        "reverse": lambda d: d["word"][::-1],
+        "sort": lambda d: ", ".join(map(str, sorted(d["numbers"], reverse=d["order"] == "desc"))),
+        "count": lambda d: str(d["word"].count(d["letter"])),
+        "repeat": lambda d: " ".join([d["word"]] * d["times"]),
+        "uppercase": lambda d: d["phrase"].upper(),
+        "answer_in_en": lambda d: str(OPS[d["op"]](d["a"], d["b"])),
+    }
+    expected["answer_in_zh"] = expected["answer_in_en"]
+    kinds = set()
+    for ex in (e for e in examples if e.kind in expected):
+        kinds.add(ex.kind)
+        assert ex.answer == expected[ex.kind](ex.data)
+        assert check_answer(ex.kind, ex.answer, ex.response)
+        assert flaws(ex.kind, ex.answer, ex.response + END, ex.lang) == []
+        wrong = synthetic_tasks.wrong_reply(ex, random.Random(1))
+        assert not check_answer(ex.kind, ex.answer, wrong), (ex.response, wrong)
+    assert kinds == set(expected)
+    assert len(set(WORDS)) == len(WORDS) and all(w != w[::-1] for w in WORDS)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected", "reply", "lang", "ok"),
+    [
+        ("arithmetic", "1234", "12 × 100 = 1200.\nThe answer is 1,234.", "en", True),
+        ("arithmetic", "1234", "The answer is: $1234", None, True),
+        ("arithmetic", "1234", "答案是 1234。", "zh", True),
+        ("arithmetic", "1234", "答案：1234", None, True),
+        ("arithmetic", "1234", "#### 1234", None, True),
+        ("arithmetic", "1234", "So the answer is **1234**.", None, True),
+        ("arithmetic", "1234", "It is 1234.0", None, True),
+        ("arithmetic", "1234", "The answer is 1234. Check: 1000 + 235 = 1235.", None, True),
+        ("arithmetic", "1234", "The answer is 1235.", None, False),
+        ("arithmetic", "1234", "The answer is 1234.", "zh", False),
+        ("arithmetic", "1234", "no number here", None, False),
+        ("tool", "1234", "Thought: I now know the final answer\nFinal Answer: 1234", None, True),
+        ("tool", "1234", "Final Answer: 1243", None, False),
+        ("reverse", "olleh", "The word reversed: olleh", None, True),
+        ("reverse", "olleh", "hello", None, False),
+        ("sort", "1, 5, 9", "Sorted:\n1, 5, 9", None, True),
+        ("sort", "1, 5, 9", "1, 9, 5", None, False),
+        ("count", "3", "There are 3.", None, True),
+        ("count", "3", "There are 4.", None, False),
+        ("repeat", "cat cat cat", "cat cat cat", None, True),
+        ("repeat", "cat cat cat", "cat cat", None, False),
+        ("uppercase", "BIG CAT", "Here: BIG CAT", None, True),
+        ("uppercase", "BIG CAT", "Here: Big Cat", None, False),
+        ("answer_in_zh", "7", "3 加 4 等于 7。", None, True),
+        ("answer_in_zh", "7", "3 plus 4 is 7.", None, False),
+        ("answer_in_zh", "7", "3 加 4 等于 8。", None, False),
+        ("answer_in_en", "7", "Three plus four is 7.", None, True),
+    ],
+)
+def test_check_answer_on_hand_written_replies(kind, expected, reply, lang, ok):
+    assert check_answer(kind, expected, reply, lang) is ok
+    assert check_answer(kind, expected, reply + END, lang) is ok
+
+
+def test_flaws_names_each_problem():
+    assert flaws("arithmetic", "7", "The answer is 7.<|im_end|>", "en") == []
+    assert flaws("arithmetic", "7", "The answer is 7.", "en") == ["unended"]
+    assert flaws("arithmetic", "7", "答案是 8。<|im_end|>", "en") == ["wrong_answer", "wrong_language"]
+    assert flaws("count", "2", "Hmm.\nLet me see.\nLet me see.\nLet me see.\n2<|im_end|>") == ["rambling"]
+    with pytest.raises(ValueError, match="unknown task kind"):
+        check_answer("poetry", "x", "y")
+
+
+# ---------------------------------------------------------------------------
+# Tool transcripts
+
+
+def test_tool_transcripts_follow_react_and_python(examples):
+    from qianwen.agent.react import build_prompt, parse
+    from qianwen.agent.tools import code_interpreter
+
+    assert code_interpreter().spec == CODE_INTERPRETER  # what the agent offers at inference
+    tools = [CODE_INTERPRETER]
+    labels = ["Thought", "Action", "Action Input", "Observation", "Thought", "Final Answer"]
+    tool_examples = [e for e in examples if e.kind == "tool"]
+    assert {e.lang for e in tool_examples} == {"en", "zh"}
+    for ex in tool_examples:
+        assert ex.prompt == build_prompt(ex.data["question"], tools)
+        lines = ex.response.split("\n")
+        assert [line.split(": ", 1)[0] for line in lines] == labels
+        code = json.loads(lines[2].split(": ", 1)[1])["code"]
+        assert code == ex.data["code"]
+        expression = re.fullmatch(r"print\((.*)\)", code).group(1)
+        value = str(eval(expression, {"__builtins__": {}, "sum": sum}))  # our own generated arithmetic
+        assert len(value) >= 8  # too large to do in one's head
+        assert lines[3] == f"Observation: {value}" and lines[5] == f"Final Answer: {value}" and ex.answer == value
+        assert lines[4] == "Thought: I now know the final answer"
+        # The agent's parser reads the model's two turns as an action and then an answer.
+        first, second = ex.response.split("Observation: ")
+        step = parse(first, tools)
+        assert (step.action, step.action_input, step.malformed) == ("code_interpreter", {"code": code}, None)
+        assert parse(second.split("\nThought:", 1)[1], tools).final_answer == value
+
+
+def test_tool_code_really_runs_in_the_sandbox(monkeypatch):
+    import qianwen.sandbox
+
+    printed = synthetic.run_tool_code(["print(2 ** 70)", "import sys\nprint(sys.version_info[0])", "print(2 ** 70)"])
+    assert printed == {"print(2 ** 70)": f"{2**70}\n", "import sys\nprint(sys.version_info[0])": "3\n"}
+    calls = []
+    real = qianwen.sandbox.run
+    monkeypatch.setattr(qianwen.sandbox, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    synthetic.run_tool_code([f"print({i} * 3)" for i in range(5)] * 2)
+    assert len(calls) == 1  # one sandbox start for the batch, identical code run once
+    with pytest.raises(synthetic.SandboxError, match="ZeroDivisionError"):
+        synthetic.run_tool_code(["print(1 // 0)"])
+    # The Observation is what the run printed, not the answer computed here: a run that prints something else
+    # is caught, never papered over.
+    problem = tool_problem(random.Random(5), "en")
+    monkeypatch.setattr(synthetic, "run_tool_code", lambda codes: dict.fromkeys(codes, "12345\n"))
+    with pytest.raises(synthetic.SandboxError, match="printed '12345' in the sandbox"):
+        synthetic.with_observations([problem])
+
+
+def test_unavailable_sandbox_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    import qianwen.sandbox
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("qianwen.sandbox needs Linux (namespaces, prctl and /proc); run it on a Linux host.")
+
+    monkeypatch.setattr(qianwen.sandbox, "run", broken)
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--sft", "20", "--eval", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tool transcripts run their code in qianwen.sandbox") and "\n" not in err
+    assert "needs Linux" in err
+
+
+# ---------------------------------------------------------------------------
+# Preference pairs
+
+
+def test_every_rejected_reply_fails_its_checker_and_chosen_passes(examples):
+    rng = random.Random(2)
+    seen = set()
+    for ex in examples:
+        for rejection in synthetic.rejections_for(ex):
+            pair = preference_pair(ex, rng, rejection)
+            assert flaws(ex.kind, ex.answer, pair["chosen"], ex.lang) == [], pair["chosen"]
+            assert pair["chosen"].endswith(END) and pair["chosen_ended"]
+            found = flaws(ex.kind, ex.answer, pair["rejected"], ex.lang)
+            assert rejection in found, (rejection, pair["rejected"])
+            assert pair["rejected"].endswith(END) == pair["rejected_ended"] == (rejection != "unended")
+            if rejection in ("wrong_answer", "wrong_language"):
+                assert not check_answer(ex.kind, ex.answer, pair["rejected"], ex.lang)
+            if rejection == "rambling":
+                assert ex.response.split("\n")[-1] in pair["rejected"]  # the right content is still there
+            if rejection == "unended":
+                assert ex.response.split("\n")[-1] not in pair["rejected"]  # never reaches its final line
+            seen.add((ex.kind, rejection))
+    assert {r for _, r in seen} == set(synthetic.REJECTIONS)
+    assert ("arithmetic", "wrong_language") in seen and ("answer_in_zh", "wrong_language") in seen
+    with pytest.raises(ValueError, match="cannot be rejected"):
+        preference_pair(next(e for e in examples if e.kind == "reverse"), rng, "wrong_language")
+
+
+def test_flipped_fraction_matches_the_setting(examples):
+    pairs = preference_pairs(examples, random.Random(3), flip=0.1)
+    flipped = [p for p in pairs if p["flipped"]]
+    assert len(flipped) == round(0.1 * len(examples))
+    for p in pairs:
+        chosen_ok = not flaws(p["kind"], p["answer"], p["chosen"], p["lang"])
+        rejected_ok = not flaws(p["kind"], p["answer"], p["rejected"], p["lang"])
+        assert (chosen_ok, rejected_ok) == ((False, True) if p["flipped"] else (True, False))
+        assert p["chosen"].endswith(END) == p["chosen_ended"] and p["rejected"].endswith(END) == p["rejected_ended"]
+    assert not any(p["flipped"] for p in preference_pairs(examples[:50], random.Random(3)))
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def _user_texts(records: list[dict]) -> set[str]:
+    return {r["prompt"] if "prompt" in r else r["messages"][1]["content"] for r in records}
+
+
+def test_eval_sets_are_disjoint_from_training(files):
+    training = set().union(*(_user_texts(files[name]) for name in ("sft", "pmp", "rm", "ppo")))
+    for name in ("arith_eval", "instruct_eval", "tool_eval", "rm_eval"):
+        held = _user_texts(files[name])
+        assert len(held) == len(files[name]) == SIZES["eval_size"]
+        assert not held & training, name
+
+    # Disjoint by task, not just by wording: a word reversed in a held-out set is never reversed in training.
+    def words(records):
+        return {r["data"]["word"] for r in records if r["kind"] == "reverse"}
+
+    assert words(files["instruct_eval"]) and words(files["sft"])
+    assert not words(files["instruct_eval"]) & words(files["sft"] + files["ppo"])
+
+
+def test_files_load_in_the_documented_formats(out, files):
+    for r in files["sft"]:
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"] for m in r["messages"])
+        assert check_answer(r["kind"], r["answer"], r["messages"][2]["content"], r["lang"])
+    for name in ("pmp", "rm", "rm_eval"):
+        for r in files[name]:
+            assert [m["role"] for m in r["messages"]] == ["system", "user"]
+            assert {"chosen", "rejected", "kind", "lang", "answer", "rejection", "flipped"} <= set(r)
+            assert r["rejection"] in synthetic.REJECTIONS and isinstance(r["flipped"], bool)
+    for name in ("ppo", "arith_eval", "instruct_eval", "tool_eval"):
+        for r in files[name]:
+            assert {"prompt", "answer", "kind", "lang"} <= set(r) and r["kind"] in synthetic.KINDS
+    assert {r["kind"] for r in files["arith_eval"]} == {"arithmetic"}
+    assert {r["kind"] for r in files["tool_eval"]} == {"tool"}
+    assert "tool" not in {r["kind"] for r in files["ppo"]}
+    assert not any(r["flipped"] for name in ("rm", "rm_eval") for r in files[name])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["flip"] == 0.1
+    for name in FILES:
+        counts = manifest["files"][f"{name}.jsonl"]
+        assert counts["records"] == len(files[name]) == sum(counts["kinds"].values()) == sum(counts["langs"].values())
+    assert manifest["files"]["pmp.jsonl"]["flipped"] == round(0.1 * SIZES["pmp"])
+
+
+def test_same_seed_same_bytes_in_another_process(out, tmp_path):
+    # Another interpreter with another hash seed: nothing may depend on set order or on this process's state.
+    code = f"from qianwen.data.synthetic import make_all; make_all({str(tmp_path)!r}, seed=7, **{SIZES!r})"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    names = sorted(p.name for p in out.iterdir())
+    assert (
+        names == sorted(p.name for p in tmp_path.iterdir()) == sorted([*(f"{n}.jsonl" for n in FILES), "manifest.json"])
+    )
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    make_all(tmp_path, seed=8, **SIZES)
+    assert (out / "sft.jsonl").read_bytes() != (tmp_path / "sft.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_writes_the_set(tmp_path, capsys):
+    args = ["--sft", "10", "--pairs", "5", "--pmp", "10", "--ppo", "5", "--eval", "5", "--flip", "0.2", "--seed", "1"]
+    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote the synthetic set (seed 1)" in printed and "pmp.jsonl" in printed
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert manifest["sizes"] == {"sft": 10, "pairs": 5, "pmp": 10, "ppo": 5, "eval": 5}
+    assert manifest["files"]["pmp.jsonl"]["flipped"] == 2
+    assert len(load(tmp_path / "syn" / "sft.jsonl")) == 10
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sft", "-1"], "the sft size must be a whole number"),
+        (["--flip", "0.6"], "flip is the fraction of PMP labels"),
+        (["--flip", "half"], "invalid float value"),
+        (["--pairs", "many"], "invalid int value"),
+        (["--out", "FILE"], "is a file"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    argv = ["data", "synthetic", "--out", str(tmp_path / "syn"), *args]
+    argv = [str(tmp_path / "file") if a == "FILE" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
