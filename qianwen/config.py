@@ -153,7 +153,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 # A whole-run recipe holds the sections of every stage; each command reads its own and checks every key,
 # so a misspelt key is an error naming the valid ones, never silently ignored.
 
-SECTIONS = ("run", "model", "tokenizer", "data", "pretrain", "sft", "rm", "ppo", "eval")
+SECTIONS = ("run", "model", "tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "eval")
 
 
 def read_toml(path: str | os.PathLike, flag: str) -> dict:

@@ -1,10 +1,10 @@
 """`qianwen run`: the recipe end to end, as far as it is built today.
 
-Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> report.md.
-A stage whose outputs are complete is skipped on a re-run, and an interrupted pretraining resumes from its
-newest checkpoint. The recipe (qianwen/recipes/tiny.toml by default) holds one section per stage; any key
-can be overridden as `section.key=value`. SFT, reward model, PPO, evaluation, tool use and serving are
-future stages, listed in the report as not built.
+Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> tasks/ ->
+sft/ -> rm/ -> ppo/ -> report.md. A stage whose outputs are complete is skipped on a re-run, and an
+interrupted pretraining or SFT resumes from its newest checkpoint. The recipe (qianwen/recipes/tiny.toml by
+default) holds one section per stage; any key can be overridden as `section.key=value`. Evaluation, tool
+use and serving are future stages, listed in the report as not built.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from qianwen.util import atomic_write
 RECIPES = Path(__file__).parent / "recipes"
 SAMPLE_PROMPT = "def fibonacci(n):\n"
 SAMPLE_TOKENS = 48
+CHAT_PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have now?"
 NOT_BUILT = [
-    ("SFT", "ChatML fine-tuning with the loss mask of QWEN_SPEC.md section 4"),
-    ("reward model", "preference-model pretraining, then fine-tuning on high-quality pairs"),
-    ("PPO", "policy, value, reference and reward models; KL 0.04; PPO-ptx"),
     ("evaluation", "HumanEval, GSM8K, MMLU/C-Eval, bits per byte, long context"),
     ("tool use", "ReAct prompting, parsing and the tool loop"),
     ("serving", "an OpenAI-compatible server with batching and a web chat page"),
@@ -53,7 +51,8 @@ class StageResult:
 
 
 Log = Callable[..., None]
-STAGES = ("tokenizer", "data", "pretrain", "sample", "report")
+STAGES = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "sample", "report")
+TASK_KEYS = {"seed": 0, "sft": 2000, "pairs": 1000, "pmp": 4000, "ppo": 1000, "eval_size": 200, "flip": 0.1}
 
 
 def recipe_path(name: str) -> Path:
@@ -91,6 +90,10 @@ def run(
         lambda: tokenizer_stage(out, sections.get("tokenizer", {}), log),
         lambda: data_stage(out, sections, log),
         lambda: pretrain_stage(out, sections, seed, log),
+        lambda: tasks_stage(out, sections.get("tasks", {}), log),
+        lambda: sft_stage(out, sections, seed, log),
+        lambda: rm_stage(out, sections, seed, log),
+        lambda: ppo_stage(out, sections, seed, log),
         lambda: sample_stage(out, log),
         lambda: report_stage(out, path, seed, stages),
     ]
@@ -103,7 +106,7 @@ def run(
         stages.append(StageResult(name, seconds, summary, details, skipped))
         log(f"      {summary}  ({'done before, skipped' if skipped else f'{seconds:.1f}s'})")
     log(f"\nreport: {report}")
-    log(f"sample from the model: {cli_name()} generate --model {out / 'base'} --prompt 'def main():'")
+    log(f"chat with the model: {cli_name()} chat --model {out / 'ppo'}")
     return report
 
 
@@ -123,6 +126,11 @@ def check_sections(sections: dict, out: Path, seed: int) -> None:
         raise ValueError(f"unknown tokenizer key(s) {unknown}; valid keys are {sorted(TOKENIZER_KEYS)}.")
     prep_config(sections)
     pretrain_config(sections, out, seed)
+    unknown = sorted(set(sections.get("tasks", {})) - set(TASK_KEYS))
+    if unknown:
+        raise ValueError(f"unknown tasks key(s) {unknown}; valid keys are {sorted(TASK_KEYS)}.")
+    for name in ("sft", "rm", "ppo"):
+        alignment_config(name, sections, out, seed)
     model = dict(sections.get("model", {}))
     preset(model.pop("preset", "tiny-10m"), **model)
 
@@ -248,24 +256,126 @@ def pretrain_stage(out: Path, sections: dict, seed: int, log: Log):
 
 
 # ---------------------------------------------------------------------------
-# 4. sample, 5. report
+# 4. tasks, 5. SFT, 6. reward model, 7. PPO
+
+
+def alignment_config(name: str, sections: dict, out: Path, seed: int):
+    """The stage's settings with the run's paths filled in (a recipe sets only hyper-parameters)."""
+    from qianwen.config import build
+
+    tasks = out / "tasks"
+    paths = {
+        "sft": {"model": out / "base", "data": tasks / "sft.jsonl", "out": out},
+        "rm": {"model": out / "sft", "data": tasks / "rm.jsonl", "pmp_data": tasks / "pmp.jsonl", "out": out},
+        "ppo": {"policy": out / "sft", "reward_model": out / "rm", "prompts": tasks / "ppo.jsonl", "out": out},
+    }[name]
+    section = {"seed": seed, **sections.get(name, {}), **{k: str(v) for k, v in paths.items()}}
+    if name == "sft":
+        from qianwen.train.sft import SFTConfig as cls
+    elif name == "rm":
+        from qianwen.train.reward import RMConfig as cls
+    else:
+        from qianwen.train.ppo import PPOConfig as cls
+    return build(cls, section, name)
+
+
+def _done(directory: Path, stage: str) -> bool:
+    meta = directory / "qianwen.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("stage") == stage
+
+
+def _records(out: Path, stage: str) -> list[dict]:
+    path = out / "metrics" / f"{stage}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def tasks_stage(out: Path, section: dict, log: Log):
+    from qianwen.data.synthetic import make_all
+
+    directory = out / "tasks"
+    skipped = (directory / "manifest.json").is_file()
+    if not skipped:
+        make_all(directory, **{**TASK_KEYS, **section})
+    manifest = json.loads((directory / "manifest.json").read_text())
+    counts = {name: files["records"] for name, files in manifest["files"].items()}
+    summary = "synthetic tasks (arithmetic, instructions, tool use; English and Chinese): " + ", ".join(
+        f"{name} {n:,}" for name, n in counts.items()
+    )
+    return None, summary, {f"{name}": n for name, n in counts.items()}, skipped
+
+
+def sft_stage(out: Path, sections: dict, seed: int, log: Log):
+    from qianwen.train.sft import sft
+
+    skipped = _done(out / "sft", "sft")
+    if not skipped:
+        resume = (out / "checkpoints" / "sft" / "latest").is_file()
+        sft(alignment_config("sft", sections, out, seed), resume=resume)
+    train = [r for r in _records(out, "sft") if "loss" in r]
+    val = [r for r in _records(out, "sft") if "val_loss" in r]
+    meta = json.loads((out / "sft" / "qianwen.json").read_text())
+    summary = f"{train[-1]['step']} steps on {meta['conversations']['train']:,} conversations; loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}"
+    if val:
+        summary += f", held-out loss {val[-1]['val_loss']:.3f}"
+    return (
+        None,
+        summary,
+        {"conversations": meta["conversations"], "metrics": str(out / "metrics" / "sft.jsonl")},
+        skipped,
+    )
+
+
+def rm_stage(out: Path, sections: dict, seed: int, log: Log):
+    from qianwen.train.reward import reward_model
+
+    skipped = _done(out / "rm", "rm")
+    if not skipped:
+        resume = any((out / "checkpoints" / s / "latest").is_file() for s in ("rm-pmp", "rm"))
+        reward_model(alignment_config("rm", sections, out, seed), resume=resume)
+    accuracy = {}
+    for stage in ("rm-pmp", "rm"):
+        if (out / stage / "qianwen.json").is_file():
+            accuracy[stage] = json.loads((out / stage / "qianwen.json").read_text()).get("val_accuracy")
+    meta = json.loads((out / "rm" / "qianwen.json").read_text())
+    summary = "held-out pairwise accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if v is not None)
+    details = {"accuracy": accuracy, "reward mean/std": meta.get("reward")}
+    return None, summary, details, skipped
+
+
+def ppo_stage(out: Path, sections: dict, seed: int, log: Log):
+    from qianwen.train.ppo import ppo
+
+    skipped = _done(out / "ppo", "ppo")
+    if not skipped:
+        ppo(alignment_config("ppo", sections, out, seed))
+    records = _records(out, "ppo")
+    first, last = records[0], records[-1]
+    summary = (
+        f"{last['step']} steps; reward {first['reward']:.3f} -> {last['reward']:.3f}, KL {last['kl']:.3f} nats, "
+        f"replies ended {first['ended_fraction']:.0%} -> {last['ended_fraction']:.0%}"
+    )
+    return None, summary, {"first step": first, "last step": last}, skipped
+
+
+# ---------------------------------------------------------------------------
+# 8. sample, 9. report
 
 
 def sample_stage(out: Path, log: Log):
+    """The pretrained model completes code; the final chat model answers a question."""
     model, tok = qianwen.load(out / "base")
-    ids = tok.encode(SAMPLE_PROMPT)
-    log(f"      greedy completion of {SAMPLE_PROMPT!r} by the pretrained model:")
-    log("      " + SAMPLE_PROMPT.rstrip(), end="", flush=True)
-    start = time.perf_counter()
-    parts = []
-    for delta in qianwen.stream(model, tok, ids, SAMPLE_TOKENS, stop_ids=[tok.eod_id]):
-        parts.append(delta)
-        log(delta.replace("\n", "\n      "), end="", flush=True)
-    seconds = time.perf_counter() - start
-    log()
-    rate = len(tok.encode("".join(parts))) / seconds
-    summary = f"greedy completion of a Python prompt from base/, about {rate:.0f} tokens/s"
-    return None, summary, {"prompt": SAMPLE_PROMPT, "text": SAMPLE_PROMPT + "".join(parts)}, False
+    completion = qianwen.generate(model, tok, tok.encode(SAMPLE_PROMPT), SAMPLE_TOKENS, stop_ids=[tok.eod_id])
+    log("      base/ completes " + repr(SAMPLE_PROMPT) + ":")
+    for line in (SAMPLE_PROMPT + completion.text).splitlines()[:8]:
+        log("        " + line)
+    details = {"prompt": SAMPLE_PROMPT, "text": SAMPLE_PROMPT + completion.text}
+    chat = next((out / d for d in ("ppo", "sft") if (out / d / "qianwen.json").is_file()), None)
+    if chat is not None:
+        model, tok = qianwen.load(chat)
+        reply = qianwen.generate(model, tok, tok.render_chat([{"role": "user", "content": CHAT_PROMPT}]), 64)
+        log(f"      {chat.name}/ answers {CHAT_PROMPT!r}: {reply.text!r}")
+        details["chat"] = f"{chat.name}/: {CHAT_PROMPT} -> {reply.text}"
+    return None, f"samples from base/ and {chat.name if chat else 'no chat model'}", details, False
 
 
 def report_stage(out: Path, recipe: Path, seed: int, stages: list[StageResult]):
@@ -350,5 +460,15 @@ def render_report(out: Path, recipe: Path, seed: int, stages: list[StageResult])
     lines += ["## Not built yet", "", "Future stages of `qianwen run`:", ""]
     lines += [f"- **{name}**: {what}" for name, what in NOT_BUILT]
     base = out / "base"
-    lines += ["", "## Next", "", "```", f"{cli_name()} generate --model {base} --prompt 'import os'", "```", ""]
+    lines += [
+        "",
+        "## Next",
+        "",
+        "```",
+        f"{cli_name()} chat --model {out / 'ppo'}",
+        f"{cli_name()} generate --model {base} --prompt 'import os'",
+        f"{cli_name()} agent --model {out / 'ppo'} --tools code_interpreter 'What is 31415 * 2718?'",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

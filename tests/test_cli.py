@@ -356,6 +356,20 @@ MICRO = [
     "pretrain.seq_length=64",
     "pretrain.batch_size=2",
     "pretrain.eval_batches=1",
+    "tasks.sft=24",
+    "tasks.pairs=24",
+    "tasks.pmp=24",
+    "tasks.ppo=8",
+    "tasks.eval_size=4",
+    "sft.steps=2",
+    "sft.seq_length=256",
+    "rm.pmp_steps=1",
+    "rm.steps=1",
+    "rm.seq_length=256",
+    "rm.batch_size=2",
+    "ppo.steps=1",
+    "ppo.prompts_per_step=2",
+    "ppo.max_new_tokens=4",
 ]
 
 
@@ -363,14 +377,17 @@ def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
     printed = capsys.readouterr().out
-    for stage in ("[1/5] tokenizer", "[2/5] data", "[3/5] pretrain", "[4/5] sample", "[5/5] report"):
-        assert stage in printed
+    for i, stage in enumerate(("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "sample", "report"), 1):
+        assert f"[{i}/9] {stage}" in printed
     assert "bytes/token on held-out text" in printed and "unigram entropy" in printed
-    assert f"generate --model {out / 'base'}" in printed
+    assert f"chat --model {out / 'ppo'}" in printed
 
     report = (out / "report.md").read_text()
-    for heading in ("## Environment", "## Stages", "1. tokenizer", "2. data", "3. pretrain", "4. sample"):
+    for heading in ("## Environment", "## Stages", "1. tokenizer", "2. data", "3. pretrain", "5. sft", "7. ppo"):
         assert heading in report
+    for directory in ("tasks", "sft", "rm-pmp", "rm", "ppo"):
+        assert (out / directory).is_dir(), directory
+    assert qianwen.load(out / "ppo")[0].config.vocab_size == 512
     not_built = report.split("## Not built yet", 1)[1]
     for name, _ in NOT_BUILT:
         assert f"**{name}**" in not_built
@@ -385,7 +402,7 @@ def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys
 
     weights = (out / "base" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 3
+    assert capsys.readouterr().out.count("done before, skipped") == 7
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == weights
 
 
