@@ -473,6 +473,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data-dir {args.data_dir} is not a directory; give the folder holding the benchmark files.")
     # Everything a user can get wrong is checked before the model loads, the output folder included.
     out = Path(args.out) if args.out else harness.default_out(args.model)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name for the summary, e.g. {out / 'scores.json'}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tok = _load(args)
     data_dir = Path(args.data_dir) if args.data_dir else None

@@ -1,0 +1,76 @@
+"""Exact match on synthetic problems, so the tiny recipe's chat models are scored offline.
+
+The file is JSONL of {"prompt": ..., "answer": ...} (the synthetic-task generator writes such files):
+`<data-dir>/arith_eval.jsonl` unless `file=PATH` names another. Each prompt is sent as one ChatML user turn (with
+the default system prompt) and answered greedily. The reply's answer is the N of its last "The answer is N." /
+"答案是 N。" / "Final Answer: N" when it has one, else (for a numeric reference) its last number. Numbers compare
+by value with commas removed ("$" and "**" around them do not matter); a text answer compares with the marked answer
+or else the reply's last line, surrounding spaces and a final full stop removed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qianwen.eval.harness import (
+    TaskOptions,
+    TaskResult,
+    data_path,
+    generate_all,
+    last_number,
+    read_jsonl,
+    read_options,
+    same_number,
+)
+
+NAME = "arith"
+OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128}
+SOURCE = "the synthetic-task generator of qianwen.data (or any JSONL of prompt/answer pairs)"
+_MARKED = re.compile(r"(?:The answer is|答案是|Final Answer:)[ \t]*(.+?)[ \t]*[.。]?[ \t]*$", re.MULTILINE)
+
+
+def extract(reply: str, numeric: bool) -> str | None:
+    """The answer a reply gives (see the module docstring); None when it gives none."""
+    marked = _MARKED.findall(reply)
+    if marked:
+        return (last_number(marked[-1]) or marked[-1]) if numeric else marked[-1]
+    if numeric:
+        return last_number(reply)
+    lines = reply.strip().splitlines()
+    return lines[-1].strip() if lines else None
+
+
+def matches(predicted: str | None, answer: str, numeric: bool) -> bool:
+    if numeric:
+        return same_number(predicted, answer)
+    return predicted is not None and predicted.strip().rstrip(".。") == answer.strip().rstrip(".。")
+
+
+def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
+    cfg = read_options(OPTIONS, options.extra, NAME)
+    path = Path(cfg["file"]) if cfg["file"] else data_path(options, "arith_eval.jsonl", NAME, SOURCE)
+    if not path.is_file():
+        raise ValueError(f"arith option file={path} names no file; give a JSONL of prompt/answer pairs.")
+    rows = read_jsonl(path, ("prompt", "answer"))[: options.limit]
+    prompts = [tokenizer.render_chat([{"role": "user", "content": str(r["prompt"])}]) for r in rows]
+    completions = generate_all(
+        model, tokenizer, prompts, cfg["max_new_tokens"], batch_size=options.batch_size, desc=NAME
+    )
+    samples = []
+    for row, completion in zip(rows, completions):
+        answer = str(row["answer"])
+        numeric = last_number(answer) == answer.replace(",", "").strip()
+        predicted = extract(completion.text, numeric)
+        correct = matches(predicted, answer, numeric)
+        samples.append(
+            {
+                "prompt": row["prompt"],
+                "reply": completion.text,
+                "predicted": predicted,
+                "answer": answer,
+                "correct": correct,
+            }
+        )
+    accuracy = sum(s["correct"] for s in samples) / max(len(samples), 1)
+    return TaskResult(NAME, {"acc": accuracy}, samples)
