@@ -3,8 +3,9 @@
 Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> tasks/ ->
 sft/ -> rm/ -> ppo/ -> report.md. A stage whose outputs are complete is skipped on a re-run, and an
 interrupted pretraining or SFT resumes from its newest checkpoint. The recipe (qianwen/recipes/tiny.toml by
-default) holds one section per stage; any key can be overridden as `section.key=value`. Evaluation, tool
-use and serving are future stages, listed in the report as not built.
+default) holds one section per stage; any key can be overridden as `section.key=value`. Each model is
+then scored on the held-out synthetic tasks. Long-context evaluation, tool use and serving are future
+stages, listed in the report as not built.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SAMPLE_PROMPT = "def fibonacci(n):\n"
 SAMPLE_TOKENS = 48
 CHAT_PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have now?"
 NOT_BUILT = [
-    ("evaluation", "HumanEval, GSM8K, MMLU/C-Eval, bits per byte, long context"),
+    ("long-context evaluation", "perplexity past the training length with dynamic NTK, LogN and windows"),
     ("tool use", "ReAct prompting, parsing and the tool loop"),
     ("serving", "an OpenAI-compatible server with batching and a web chat page"),
 ]
@@ -51,7 +52,9 @@ class StageResult:
 
 
 Log = Callable[..., None]
-STAGES = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "sample", "report")
+STAGES = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "eval", "sample", "report")
+EVAL_KEYS = {"tasks": ["arith"], "limit": 100, "batch_size": 16, "max_new_tokens": 64}
+EVALUATED = ("base", "sft", "ppo")
 TASK_KEYS = {"seed": 0, "sft": 2000, "pairs": 1000, "pmp": 4000, "ppo": 1000, "eval_size": 200, "flip": 0.1}
 
 
@@ -94,6 +97,7 @@ def run(
         lambda: sft_stage(out, sections, seed, log),
         lambda: rm_stage(out, sections, seed, log),
         lambda: ppo_stage(out, sections, seed, log),
+        lambda: eval_stage(out, sections.get("eval", {}), seed, log),
         lambda: sample_stage(out, log),
         lambda: report_stage(out, path, seed, stages),
     ]
@@ -131,6 +135,9 @@ def check_sections(sections: dict, out: Path, seed: int) -> None:
         raise ValueError(f"unknown tasks key(s) {unknown}; valid keys are {sorted(TASK_KEYS)}.")
     for name in ("sft", "rm", "ppo"):
         alignment_config(name, sections, out, seed)
+    unknown = sorted(set(sections.get("eval", {})) - set(EVAL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown eval key(s) {unknown}; valid keys are {sorted(EVAL_KEYS)}.")
     model = dict(sections.get("model", {}))
     preset(model.pop("preset", "tiny-10m"), **model)
 
@@ -357,8 +364,34 @@ def ppo_stage(out: Path, sections: dict, seed: int, log: Log):
     return None, summary, {"first step": first, "last step": last}, skipped
 
 
+def eval_stage(out: Path, section: dict, seed: int, log: Log):
+    """Each model of the run on the held-out synthetic tasks (exact match), one summary per model."""
+    from qianwen.eval import harness, tasks
+
+    settings = {**EVAL_KEYS, **section}
+    modules = {name: tasks.load(name) for name in tasks.resolve(settings["tasks"])}
+    extra = {"max_new_tokens": str(settings["max_new_tokens"])}
+    options = harness.TaskOptions(out / "tasks", settings["limit"], settings["batch_size"], seed)
+    scores, skipped = {}, True
+    for stage in EVALUATED:
+        target = out / "eval" / f"{stage}.json"
+        if not target.is_file():
+            skipped = False
+            model, tok = qianwen.load(out / stage)
+            meta = {"model": str(out / stage), "limit": settings["limit"], "seed": seed}
+            harness.run_tasks(
+                model, tok, modules, options, extra, lambda d, t=target, m=meta: harness.write_outputs(t, d, m)
+            )
+        summary = json.loads(target.read_text())["tasks"]
+        scores[stage] = {task: next(iter(v["metrics"].values())) for task, v in summary.items()}
+    line = "; ".join(
+        f"{task}: " + ", ".join(f"{stage} {scores[stage][task]:.1%}" for stage in EVALUATED) for task in scores["base"]
+    )
+    return None, f"held-out exact match ({settings['limit']} per task) {line}", {"scores": scores}, skipped
+
+
 # ---------------------------------------------------------------------------
-# 8. sample, 9. report
+# 9. sample, 10. report
 
 
 def sample_stage(out: Path, log: Log):

@@ -370,6 +370,8 @@ MICRO = [
     "ppo.steps=1",
     "ppo.prompts_per_step=2",
     "ppo.max_new_tokens=4",
+    "eval.limit=2",
+    "eval.max_new_tokens=4",
 ]
 
 
@@ -377,8 +379,9 @@ def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
     printed = capsys.readouterr().out
-    for i, stage in enumerate(("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "sample", "report"), 1):
-        assert f"[{i}/9] {stage}" in printed
+    stages = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "eval", "sample", "report")
+    for i, stage in enumerate(stages, 1):
+        assert f"[{i}/10] {stage}" in printed
     assert "bytes/token on held-out text" in printed and "unigram entropy" in printed
     assert f"chat --model {out / 'ppo'}" in printed
 
@@ -387,6 +390,8 @@ def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys
         assert heading in report
     for directory in ("tasks", "sft", "rm-pmp", "rm", "ppo"):
         assert (out / directory).is_dir(), directory
+    for stage in ("base", "sft", "ppo"):
+        assert "arith" in json.loads((out / "eval" / f"{stage}.json").read_text())["tasks"]
     assert qianwen.load(out / "ppo")[0].config.vocab_size == 512
     not_built = report.split("## Not built yet", 1)[1]
     for name, _ in NOT_BUILT:
@@ -402,7 +407,7 @@ def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys
 
     weights = (out / "base" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 7
+    assert capsys.readouterr().out.count("done before, skipped") == 8
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == weights
 
 
