@@ -512,7 +512,10 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qianwen", description="The Qwen recipe: tokenizer, model, checkpoints, generation.")
+    parser = _Parser(
+        prog="qianwen",
+        description="The Qwen recipe: tokenizer, data, pretraining, SFT, reward model, PPO, evaluation, tools.",
+    )
     parser.add_argument("--version", action="version", version=f"qianwen {qianwen.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
