@@ -417,38 +417,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _train(run: Callable[[], object]) -> int:
+    """A training stage: a diverged run is exit status 1 with its message (bad settings are ValueErrors, 2)."""
     from qianwen.train.loop import TrainingError
+
+    try:
+        run()
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
     from qianwen.train.pretrain import load_config, pretrain
 
     config, model_section = load_config(args.recipe, args.overrides)
-    try:
-        pretrain(config, model_section, resume=args.resume)
-    except TrainingError as exc:
-        raise CommandError(str(exc)) from None
-    return 0
+    return _train(lambda: pretrain(config, model_section, resume=args.resume))
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from qianwen.train.loop import TrainingError
     from qianwen.train.sft import load_config, sft
 
-    try:
-        sft(load_config(args.recipe, args.overrides), resume=args.resume)
-    except TrainingError as exc:
-        raise CommandError(str(exc)) from None
-    return 0
+    config = load_config(args.recipe, args.overrides)
+    return _train(lambda: sft(config, resume=args.resume))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from qianwen.train.loop import TrainingError
     from qianwen.train.reward import load_config, reward_model
 
-    try:
-        reward_model(load_config(args.recipe, args.overrides), resume=args.resume)
-    except TrainingError as exc:
-        raise CommandError(str(exc)) from None
-    return 0
+    config = load_config(args.recipe, args.overrides)
+    return _train(lambda: reward_model(config, resume=args.resume))
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from qianwen.train.ppo import load_config, ppo
+
+    config = load_config(args.recipe, args.overrides)
+    return _train(lambda: ppo(config))
 
 
 # ---------------------------------------------------------------------------
@@ -493,17 +498,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     done = harness.run_tasks(model, tok, modules, options, extra, lambda d: harness.write_outputs(out, d, meta))
     print(harness.markdown(done), end="")
     print(f"wrote {out}, {out.with_suffix('.md').name} and the per-sample logs beside it", file=sys.stderr)
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace) -> int:
-    from qianwen.train.loop import TrainingError
-    from qianwen.train.ppo import load_config, ppo
-
-    try:
-        ppo(load_config(args.recipe, args.overrides))
-    except TrainingError as exc:
-        raise CommandError(str(exc)) from None
     return 0
 
 
@@ -645,48 +639,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_run)
 
-    p = commands.add_parser(
-        "pretrain",
-        help="next-token training on `qianwen data prep` shards (one process, or many under torchrun)",
-        description="Settings come from the recipe's [model] and [pretrain] sections, then KEY=VALUE overrides "
-        "(pretrain keys bare, e.g. lr=1e-3 data=runs/x/data; model keys as model.hidden_size=128).",
-    )
-    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = commands.add_parser(
-        "sft",
-        help="supervised fine-tuning on ChatML conversations (JSONL of messages)",
-        description="Settings come from the recipe's [sft] section, then KEY=VALUE overrides, e.g. "
-        "model=runs/x/base data=chat.jsonl out=runs/x lr=1e-5 steps=500.",
-    )
-    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_sft)
-
-    p = commands.add_parser(
-        "rm",
-        help="train a reward model on preference pairs: PMP on a large set, then fine-tuning on a clean one",
-        description="Settings come from the recipe's [rm] section, then KEY=VALUE overrides, e.g. "
-        "model=runs/x/sft pmp_data=pmp.jsonl data=pairs.jsonl out=runs/x steps=300.",
-    )
-    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in OUT")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_rm)
-
-    p = commands.add_parser(
-        "ppo",
-        help="PPO-RLHF: policy and reference from SFT, value and reward from the reward model",
-        description="Settings come from the recipe's [ppo] section, then KEY=VALUE overrides, e.g. "
-        "policy=runs/x/sft reward_model=runs/x/rm prompts=prompts.jsonl out=runs/x steps=100.",
-    )
-    p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_ppo)
+    training = [
+        (
+            "pretrain",
+            "next-token training on `qianwen data prep` shards (one process, or many under torchrun)",
+            "[model] and [pretrain]; pretrain keys bare, e.g. lr=1e-3 data=runs/x/data, model keys as "
+            "model.hidden_size=128",
+            cmd_pretrain,
+        ),
+        (
+            "sft",
+            "supervised fine-tuning on ChatML conversations (JSONL of messages)",
+            "[sft], e.g. model=runs/x/base data=chat.jsonl out=runs/x lr=1e-5 steps=500",
+            cmd_sft,
+        ),
+        (
+            "rm",
+            "train a reward model on preference pairs: PMP on a large set, then fine-tuning on a clean one",
+            "[rm], e.g. model=runs/x/sft pmp_data=pmp.jsonl data=pairs.jsonl out=runs/x steps=300",
+            cmd_rm,
+        ),
+        (
+            "ppo",
+            "PPO-RLHF: policy and reference from SFT, value and reward from the reward model",
+            "[ppo], e.g. policy=runs/x/sft reward_model=runs/x/rm prompts=prompts.jsonl out=runs/x steps=100",
+            cmd_ppo,
+        ),
+    ]
+    for name, summary, sections, func in training:
+        description = f"Settings come from the recipe's {sections}; KEY=VALUE overrides follow the recipe."
+        p = commands.add_parser(name, help=summary, description=description)
+        p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+        if name != "ppo":  # PPO has no checkpoints yet
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        p.set_defaults(func=func)
 
     p = commands.add_parser(
         "eval",
