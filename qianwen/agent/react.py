@@ -17,30 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-TOOL_DESC = (
-    "{name_for_model}: Call this tool to interact with the {name_for_human} API. "
-    "What is the {name_for_human} API useful for? {description_for_model} "
-    "Parameters: {parameters} Format the arguments as a JSON object."
-)
-
-REACT_PROMPT = """Answer the following questions as best you can. You have access to the following tools:
-
-{tool_descs}
-
-Use the following format:
-
-Question: the input question you must answer
-Thought: you should always think about what to do
-Action: the action to take, should be one of [{tool_names}]
-Action Input: the input to the action
-Observation: the result of the action
-... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
-Thought: I now know the final answer
-Final Answer: the final answer to the original input question
-
-Begin!
-
-Question: {query}"""
+from qianwen.react_prompt import react_prompt
 
 STOP = "Observation:"  # generation stops here; the runtime writes the observation
 
@@ -122,17 +99,7 @@ def tool_specs(tools: Sequence[object]) -> list[ToolSpec]:
 
 def build_prompt(query: str, tools: Sequence[object]) -> str:
     """The spec's ReAct prompt (section 7) for `query`; the model's reply starts after it."""
-    specs = tool_specs(tools)
-    descs = [
-        TOOL_DESC.format(
-            name_for_model=s.name,
-            name_for_human=s.name_for_human,
-            description_for_model=s.description,
-            parameters=json.dumps(s.parameters, ensure_ascii=False),
-        )
-        for s in specs
-    ]
-    return REACT_PROMPT.format(tool_descs="\n\n".join(descs), tool_names=",".join(s.name for s in specs), query=query)
+    return react_prompt(query, [(s.name, s.name_for_human, s.description, s.parameters) for s in tool_specs(tools)])
 
 
 def observation(result: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from qianwen.agent.calculator import calculate
 from qianwen.agent.react import tool_spec
+from qianwen.react_prompt import CODE_INTERPRETER
 
 OUTPUT_CHARS = 2000  # of each stream in an observation: enough to read, small enough for a model's window
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
@@ -190,18 +191,8 @@ def code_interpreter(timeout: float = 30.0, limits=None) -> Tool:
             session.close()
             session = None
 
-    return Tool(
-        "code_interpreter",
-        "A Python interpreter in a sandbox with no network: it runs the code and returns what it prints and the "
-        "value of its last expression; variables persist between calls. Use it for calculations, data and plots.",
-        {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "the Python code to run"}},
-            "required": ["code"],
-        },
-        run_code,
-        close=close,
-    )
+    spec = CODE_INTERPRETER["function"]
+    return Tool(spec["name"], spec["description"], spec["parameters"], run_code, close=close)
 
 
 BUILTINS: dict[str, Callable[[], Tool]] = {"code_interpreter": code_interpreter, "calculator": calculator}

@@ -10,6 +10,8 @@ import operator
 import random
 from dataclasses import dataclass, field
 
+from qianwen.react_prompt import CODE_INTERPRETER, react_prompt
+
 LANGS = ("en", "zh")
 INSTRUCTION_KINDS = ("reverse", "sort", "count", "repeat", "uppercase", "answer_in")
 APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}  # divisions are exact
@@ -195,47 +197,6 @@ def _wrong_instruction_value(example: Example, rng: random.Random) -> object:
 # ---------------------------------------------------------------------------
 # Tool use: arithmetic too large for one's head, in Qwen's ReAct format (QWEN_SPEC.md section 7)
 
-# The ReAct prompt and the code interpreter as qianwen/agent/react.py and tools.py write them, so a model
-# trained here sees at inference (`qianwen agent --tools code_interpreter`) the prompt it learned. A data stage
-# may not import the agent (DESIGN.md layering); a later session is to move the prompt to a core module that
-# both share, and the test of this file checks that the two agree meanwhile.
-TOOL_DESC = (
-    "{name_for_model}: Call this tool to interact with the {name_for_human} API. "
-    "What is the {name_for_human} API useful for? {description_for_model} "
-    "Parameters: {parameters} Format the arguments as a JSON object."
-)
-REACT_PROMPT = """Answer the following questions as best you can. You have access to the following tools:
-
-{tool_descs}
-
-Use the following format:
-
-Question: the input question you must answer
-Thought: you should always think about what to do
-Action: the action to take, should be one of [{tool_names}]
-Action Input: the input to the action
-Observation: the result of the action
-... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
-Thought: I now know the final answer
-Final Answer: the final answer to the original input question
-
-Begin!
-
-Question: {query}"""
-CODE_INTERPRETER = {
-    "type": "function",
-    "function": {
-        "name": "code_interpreter",
-        "description": "A Python interpreter in a sandbox with no network: it runs the code and returns what it "
-        "prints and the value of its last expression; variables persist between calls. Use it for calculations, "
-        "data and plots.",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "the Python code to run"}},
-            "required": ["code"],
-        },
-    },
-}
 _THOUGHT = {
     "en": "These numbers are too large to work out reliably in my head, so I will use the code interpreter.",
     "zh": "这些数太大，心算容易出错，我用代码解释器来算。",
@@ -243,16 +204,10 @@ _THOUGHT = {
 _GUESS = {"en": "I can work this out in my head.", "zh": "这个我心算就可以。"}
 
 
-def react_prompt(question: str) -> str:
+def tool_prompt(question: str) -> str:
     """The ReAct prompt offering the code interpreter, for `question`."""
-    function = CODE_INTERPRETER["function"]
-    desc = TOOL_DESC.format(
-        name_for_model=function["name"],
-        name_for_human="Code Interpreter",
-        description_for_model=function["description"],
-        parameters=json.dumps(function["parameters"], ensure_ascii=False),
-    )
-    return REACT_PROMPT.format(tool_descs=desc, tool_names=function["name"], query=question)
+    f = CODE_INTERPRETER["function"]
+    return react_prompt(question, [(f["name"], "Code Interpreter", f["description"], f["parameters"])])
 
 
 def tool_transcript(code: str, observation: str, lang: str) -> str:
@@ -297,7 +252,7 @@ def tool_problem(rng: random.Random, lang: str) -> Example:
     return Example(
         kind="tool",
         lang=lang,
-        prompt=react_prompt(question),
+        prompt=tool_prompt(question),
         answer=str(value),
         response="",
         key=("tool", form, numbers),
