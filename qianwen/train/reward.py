@@ -28,9 +28,9 @@ from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, init_runtime, shutdown
+from qianwen.train.records import Skip, read_records
 from qianwen.util import atomic_write
 
-EXAMPLES_SHOWN = 5
 SCORE_FILE = "score.safetensors"
 
 
@@ -109,37 +109,19 @@ def reply_ids(tokenizer: Tokenizer, record: dict, side: str) -> list[int]:
 
 
 def read_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Pairs:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"preference data {path} does not exist; pass a JSONL of {{prompt, chosen, rejected}}.")
-    out = Pairs([], 0, {}, [])
+    def convert(record: object) -> list[list[int]]:
+        try:
+            if not isinstance(record, dict) or not (record.get("prompt") or record.get("messages")):
+                raise ValueError("no 'prompt' or 'messages'")
+            pair = [reply_ids(tokenizer, record, "chosen"), reply_ids(tokenizer, record, "rejected")]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Skip("bad record", f"not a preference pair ({exc})") from None
+        if max(map(len, pair)) > max_tokens:
+            raise Skip("too long", f"{max(map(len, pair))} tokens, more than seq_length {max_tokens}")
+        return pair
 
-    def skip(number: int, reason: str, detail: str) -> None:
-        out.skipped[reason] = out.skipped.get(reason, 0) + 1
-        if len(out.examples) < EXAMPLES_SHOWN:
-            out.examples.append(f"{path}:{number}: {detail}")
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            out.lines += 1
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not (record.get("prompt") or record.get("messages")):
-                    raise ValueError("no 'prompt' or 'messages'")
-                pair = [reply_ids(tokenizer, record, "chosen"), reply_ids(tokenizer, record, "rejected")]
-            except json.JSONDecodeError as exc:
-                skip(number, "bad JSON", f"not JSON ({exc.msg})")
-                continue
-            except (ValueError, KeyError, TypeError) as exc:
-                skip(number, "bad record", f"not a preference pair ({exc})")
-                continue
-            if max(map(len, pair)) > max_tokens:
-                skip(number, "too long", f"{max(map(len, pair))} tokens, more than seq_length {max_tokens}")
-                continue
-            out.rows += pair
-    return out
+    read = read_records(path, convert, "pass a JSONL of {prompt, chosen, rejected}.")
+    return Pairs([row for pair in read.items for row in pair], read.lines, read.skipped, read.examples)
 
 
 class PairBatches:

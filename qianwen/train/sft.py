@@ -18,7 +18,6 @@ it loads anywhere a Qwen2 model does. Default lr: 1e-5 for full fine-tuning, 3e-
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +30,9 @@ from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, hf_export, init_runtime, shutdown
 from qianwen.train.loss import IGNORE, CausalLM
+from qianwen.train.records import Skip, read_records
 
 GROUP_BATCHES = 64  # length grouping sorts this many batches' worth of conversations at a time
-EXAMPLES_SHOWN = 5
 
 
 @dataclass
@@ -97,43 +96,23 @@ class Conversations:
 
 
 def read_conversations(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Conversations:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"SFT data {path} does not exist; pass data=FILE, a JSONL of {{'messages': [...]}}.")
-    out = Conversations([], [], 0, {}, [])
+    def convert(record: object) -> tuple[list[int], list[int]]:
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise Skip("no messages", "no 'messages' list")
+        try:
+            ids, labels = chat_labels(tokenizer, messages)
+        except ValueError as exc:
+            raise Skip("bad message", str(exc)) from None
+        if all(label == IGNORE for label in labels[1:]) or messages[-1].get("role") != "assistant":
+            raise Skip("no assistant reply", "does not end with an assistant reply to learn")
+        if len(ids) > max_tokens:
+            raise Skip("too long", f"{len(ids)} tokens, more than seq_length {max_tokens}")
+        return ids, labels
 
-    def skip(number: int, reason: str, detail: str) -> None:
-        out.skipped[reason] = out.skipped.get(reason, 0) + 1
-        if len(out.examples) < EXAMPLES_SHOWN:
-            out.examples.append(f"{path}:{number}: {detail}")
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            out.lines += 1
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skip(number, "bad JSON", f"not JSON ({exc.msg})")
-                continue
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list):
-                skip(number, "no messages", "no 'messages' list")
-                continue
-            try:
-                ids, labels = chat_labels(tokenizer, messages)
-            except ValueError as exc:
-                skip(number, "bad message", str(exc))
-                continue
-            if all(label == IGNORE for label in labels[1:]) or messages[-1].get("role") != "assistant":
-                skip(number, "no assistant reply", "does not end with an assistant reply to learn")
-            elif len(ids) > max_tokens:
-                skip(number, "too long", f"{len(ids)} tokens, more than seq_length {max_tokens}")
-            else:
-                out.ids.append(ids)
-                out.labels.append(labels)
-    return out
+    read = read_records(path, convert, "pass data=FILE, a JSONL of {'messages': [...]}.")
+    ids = [i for i, _ in read.items]
+    return Conversations(ids, [labels for _, labels in read.items], read.lines, read.skipped, read.examples)
 
 
 class LengthGroupedBatches:
