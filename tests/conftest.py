@@ -1,14 +1,16 @@
 """Tokenizer fixtures: the reference tokenizer shipped with dashscope, ours on the
 same vocabulary, and a deterministic mixed-script corpus (also used by
-benchmarks/bench_tokenizer.py)."""
+benchmarks/bench_tokenizer.py); and token shards in the `qianwen data prep` format."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 MAX_PIECE_CHARS = 90_000
@@ -192,3 +194,20 @@ def tok(vocab_file):
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
     return mixed_documents(2_200_000)
+
+
+def write_token_shards(out, splits: dict[str, list[int]], tok) -> None:
+    """`splits` in the `qianwen data prep` format, one shard per split."""
+    tok.save(out / "tokenizer")
+    index = {
+        "format": "qianwen-tokens/1",
+        "dtype": "uint32",
+        "vocab_size": tok.vocab_size,
+        "eod_id": tok.eod_id,
+        "tokenizer": str(out / "tokenizer"),
+        "splits": {},
+    }
+    for split, ids in splits.items():
+        np.array(ids, dtype="<u4").tofile(out / f"{split}-00000.bin")
+        index["splits"][split] = [{"file": f"{split}-00000.bin", "tokens": len(ids), "documents": 1}]
+    (out / "index.json").write_text(json.dumps(index))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sysconfig
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_token_shards
 
 import qianwen
 from qianwen.eval.harness import TaskOptions
@@ -19,23 +19,6 @@ from qianwen.tokenizer import Tokenizer
 from qianwen.train.pretrain import load_config, pretrain
 
 SEQ = 32
-
-
-def write_shards(out: Path, splits: dict[str, list[int]], tok: Tokenizer) -> None:
-    """`splits` in the `qianwen data prep` format, one shard per split."""
-    tok.save(out / "tokenizer")
-    index = {
-        "format": "qianwen-tokens/1",
-        "dtype": "uint32",
-        "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id,
-        "tokenizer": str(out / "tokenizer"),
-        "splits": {},
-    }
-    for split, ids in splits.items():
-        np.array(ids, dtype="<u4").tofile(out / f"{split}-00000.bin")
-        index["splits"][split] = [{"file": f"{split}-00000.bin", "tokens": len(ids), "documents": 1}]
-    (out / "index.json").write_text(json.dumps(index))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
             splits["val"] += tok.encode(text[:3000]) + [tok.eod_id]
         else:
             splits["train"] += tok.encode(text) + [tok.eod_id]
-    write_shards(root / "data", splits, tok)
+    write_token_shards(root / "data", splits, tok)
     settings = [
         f"data={root / 'data'}",
         f"out={root / 'run'}",
@@ -99,7 +82,7 @@ def test_bits_per_byte_match_transformers(trained, tmp_path):
     model, tok = qianwen.load(model_dir)
     val = np.fromfile(data / "val-00000.bin", dtype="<u4")
     stream = np.concatenate([val[:600], [tok.eod_id], val[600:999]])  # 31 windows of 32 and a tail of 7
-    write_shards(tmp_path, {"train": [], "val": stream.tolist()}, tok)
+    write_token_shards(tmp_path, {"train": [], "val": stream.tolist()}, tok)
     result = bpb.evaluate(model, tok, options(data=str(tmp_path)))
 
     nats, targets = hf_nats(model_dir, stream, SEQ)
@@ -127,7 +110,7 @@ def test_text_files_score_like_shards_of_the_same_text(trained, tmp_path):
     for i, text in enumerate(texts):
         (tmp_path / "text" / f"{i}.txt").write_text(text, encoding="utf-8")
     ids = [t for text in texts for t in tok.encode(text) + [tok.eod_id]]
-    write_shards(tmp_path / "shards", {"val": ids}, tok)
+    write_token_shards(tmp_path / "shards", {"val": ids}, tok)
 
     from_files = bpb.evaluate(model, tok, options(files=",".join(str(tmp_path / "text" / f"{i}.txt") for i in (0, 1))))
     from_dir = bpb.evaluate(model, tok, TaskOptions(data_dir=tmp_path / "text", limit=None))
@@ -150,7 +133,7 @@ def test_held_out_text_errors_name_the_fix(trained, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text"):
         bpb.evaluate(model, tok, options(files=str(tmp_path / "latin1.txt")))
-    write_shards(tmp_path / "big", {"val": [0, 1, 5000, 2]}, tok)
+    write_token_shards(tmp_path / "big", {"val": [0, 1, 5000, 2]}, tok)
     with pytest.raises(ValueError, match=r"holds token id 5000, outside the model's 512-id vocabulary"):
         bpb.evaluate(model, tok, options(data=str(tmp_path / "big")))
 

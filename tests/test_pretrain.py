@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_token_shards
 
 import qianwen
 from qianwen.cli import main
@@ -32,24 +33,12 @@ def data_dir(tmp_path_factory) -> Path:
     `qianwen data prep` format, with every tenth file held out for validation."""
     out = tmp_path_factory.mktemp("data")
     tok = Tokenizer({bytes([i]): i for i in range(256)})
-    tok.save(out / "tokenizer")
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
     splits: dict[str, list[int]] = {"train": [], "val": []}
     for i, path in enumerate(files):
         text = path.read_text(encoding="utf-8", errors="replace")[:20000]
         splits["val" if i % 10 == 3 else "train"] += tok.encode(text) + [tok.eod_id]
-    index = {
-        "format": "qianwen-tokens/1",
-        "dtype": "uint32",
-        "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id,
-        "tokenizer": str(out / "tokenizer"),
-        "splits": {},
-    }
-    for split, ids in splits.items():
-        np.array(ids, dtype="<u4").tofile(out / f"{split}-00000.bin")
-        index["splits"][split] = [{"file": f"{split}-00000.bin", "tokens": len(ids), "documents": 4}]
-    (out / "index.json").write_text(json.dumps(index))
+    write_token_shards(out, splits, tok)
     return out
 
 
