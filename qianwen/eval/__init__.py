@@ -6,7 +6,8 @@ the benchmark files; `qianwen eval` is the command.
     done = run_tasks(model, tokenizer, modules, TaskOptions(data_dir=Path("benchmarks"), limit=None), extra={})
 
 Tasks (qianwen/eval/tasks/, each module's docstring gives its files, prompt and scoring): humaneval, gsm8k, mmlu and
-ceval (choice.py), arith (synthetic exact match), bpb (bits per byte), longctx (perplexity past the training length).
+ceval (choice.py), arith (synthetic exact match), bpb (bits per byte), longctx (perplexity past the training length),
+tool (synthetic tool-use problems answered directly and by the ReAct agent with the sandboxed code interpreter).
 A run writes, beside its summary `<stem>.json`: `<stem>.<task>.jsonl` (one line per sample), `<stem>.md` (the table)
 and any extra file a task makes as `<stem>.<task>.<name>`.
 """

@@ -15,6 +15,7 @@ TASKS = {
     "arith": "qianwen.eval.tasks.arith",
     "bpb": "qianwen.eval.tasks.bpb",
     "longctx": "qianwen.eval.tasks.longctx",
+    "tool": "qianwen.eval.tasks.tool",
 }
 
 
