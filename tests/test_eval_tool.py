@@ -47,6 +47,7 @@ def test_the_agent_prompt_is_the_one_the_transcripts_teach():
 Q1, A1 = "What is 12345 × 6789?", 12345 * 6789
 Q2, A2 = "计算 54321 × 1234。", 54321 * 1234
 Q3, A3 = "What is the sum of 1000000, 234567?", 1234567
+Q4, A4 = "What is 10000 × 1000?", 10000000
 
 # Each question's agent replies in turn (what the model writes before the runtime's "Observation:").
 AGENT = {
@@ -64,8 +65,10 @@ AGENT = {
     ],
     # Calls the tool at every step: the step limit (4) comes first, and the fourth call does not run.
     Q3: ['Thought: add\nAction: code_interpreter\nAction Input: {"code": "print(1000000 + 234567)"}\n'] * 4,
+    # Ends its turn at once: the run ends, but with no answer.
+    Q4: [""],
 }
-DIRECT = {Q1: "The answer is 83810205.", Q2: "答案是 67,032,113。", Q3: "It is 1,234,567 I think, not 7"}
+DIRECT = {Q1: "The answer is 83810205.", Q2: "答案是 67,032,113。", Q3: "It is 1,234,567 I think, not 7", Q4: ""}
 
 
 def scripted_agent(seen: list[str]):
@@ -94,6 +97,7 @@ def write_rows(path: Path) -> None:
         {"prompt": tool_prompt(Q1), "answer": str(A1), "lang": "en", "data": {"question": Q1}},
         {"prompt": tool_prompt(Q2), "answer": str(A2), "lang": "zh", "data": {"question": Q2}},
         {"question": Q3, "answer": str(A3)},
+        {"question": Q4, "answer": str(A4)},
     ]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -108,20 +112,22 @@ def test_scoring_extraction_and_counts(monkeypatch, tmp_path, tokenizer):
 
     # A1 = 83810205 and A3 = 1234567: right directly; A2 = 67032114, to which 67032113 and 67032115 are not.
     assert (A1, A2, A3) == (83810205, 67032114, 1234567)
-    s1, s2, s3 = result.samples
-    assert [s["direct_predicted"] for s in result.samples] == ["83810205", "67032113", "7"]
-    assert [s["direct_correct"] for s in result.samples] == [True, False, False]
-    assert [s["agent_predicted"] for s in result.samples] == ["83810205", "67032115", None]
-    assert [s["agent_correct"] for s in result.samples] == [True, False, False]
-    assert [s["agent_finish"] for s in result.samples] == ["answer", "answer", "max_steps"]
+    s1, s2, s3, s4 = result.samples
+    assert [s["direct_predicted"] for s in result.samples] == ["83810205", "67032113", "7", None]
+    assert [s["direct_correct"] for s in result.samples] == [True, False, False, False]
+    assert [s["agent_predicted"] for s in result.samples] == ["83810205", "67032115", None, None]
+    assert [s["agent_correct"] for s in result.samples] == [True, False, False, False]
+    assert [s["agent_finish"] for s in result.samples] == ["answer", "answer", "max_steps", "answer"]
+    assert (s3["agent_answer"], s4["agent_answer"]) == (None, "")
     assert [(s["tool_calls"], s["malformed_actions"], s["agent_steps"]) for s in result.samples] == [
         (1, 0, 2),
         (1, 2, 4),
         (3, 0, 4),
+        (0, 0, 1),
     ]
     assert result.metrics == {
-        "direct_accuracy": pytest.approx(1 / 3),
-        "agent_accuracy": pytest.approx(1 / 3),
+        "direct_accuracy": 0.25,
+        "agent_accuracy": 0.25,
         "tool_calls": 5,
         "malformed_actions": 2,
         "agent_answers": 2,
@@ -141,7 +147,7 @@ def test_scoring_extraction_and_counts(monkeypatch, tmp_path, tokenizer):
     )
     assert agent_seen[0] == first
     assert direct_seen[0] == tokenizer.chat_text([{"role": "user", "content": Q1}])
-    assert len(agent_seen) == 2 + 4 + 4
+    assert len(agent_seen) == 2 + 4 + 4 + 1
 
 
 def test_limit_and_bad_input(monkeypatch, tmp_path, tokenizer):

@@ -16,7 +16,7 @@ a top-level `question`. Each question is scored twice, greedily:
 
 Metrics: `direct_accuracy`, `agent_accuracy`, and counts over all questions: `tool_calls` (actions the sandbox
 ran), `malformed_actions` (actions the parser could not run: an unknown tool, a missing or non-JSON input; a step
-cut off by the token limit is not counted) and `agent_answers` (runs that ended with an answer). Options:
+cut off by the token limit is not counted) and `agent_answers` (runs that ended with a non-empty answer). Options:
 `file`, `max_new_tokens` (direct replies), `agent_max_new_tokens` (per agent step), `max_steps`, `timeout`
 (seconds per code run). The sample log holds both replies, the agent's whole transcript and its counts.
 """
@@ -155,6 +155,7 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
         "agent_accuracy": sum(s["agent_correct"] for s in samples) / n,
         "tool_calls": sum(s["tool_calls"] for s in samples),
         "malformed_actions": sum(s["malformed_actions"] for s in samples),
-        "agent_answers": sum(s["agent_answer"] is not None for s in samples),
+        # An empty reply (the model ending its turn at once) ends the run but answers nothing.
+        "agent_answers": sum(bool((s["agent_answer"] or "").strip()) for s in samples),
     }
     return TaskResult(NAME, metrics, samples)
