@@ -411,7 +411,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qianwen.train.loop import TrainingError
 
     try:
-        run(args.out, recipe=args.recipe, overrides=args.overrides, seed=args.seed)
+        run(args.out, recipe=args.recipe, overrides=args.overrides, seed=args.seed, start=args.start, only=args.only)
     except (RunError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
     return 0
@@ -629,14 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "run",
-        help="run the recipe end to end, as far as it is built",
-        description="Tokenizer, data, pretraining, a sample and the report card, into OUT; finished stages are "
-        "skipped on a re-run. Override recipe keys as SECTION.KEY=VALUE, e.g. pretrain.steps=50.",
+        help="run the recipe end to end: tokenizer, data, pretraining, SFT, reward model, PPO, evaluation, report",
+        description="Stages tokenizer, data, pretrain, tasks, sft, rm, ppo, eval, sample, report into OUT; finished "
+        "stages are skipped on a re-run. Override recipe keys as SECTION.KEY=VALUE (e.g. pretrain.steps=50; every "
+        "key is in docs/RECIPES.md). Give a stage your own artefact instead with base=DIR (a Hugging Face Qwen model "
+        "directory; pretraining is skipped), sft=DIR, rm=DIR or tokenizer=DIR|qwen: it is copied into OUT.",
     )
     p.add_argument("--recipe", default="tiny", help="a recipe name in qianwen/recipes/ or a .toml path (default tiny)")
     p.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
+    stages = p.add_mutually_exclusive_group()
+    stages.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and every stage after it")
+    stages.add_argument("--only", metavar="STAGE", help="redo STAGE alone, then render the report card again")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE|ARTEFACT=PATH")
     p.set_defaults(func=cmd_run)
 
     training = [

@@ -1,72 +1,102 @@
-"""`qianwen run`: the recipe end to end, as far as it is built today.
+"""`qianwen run`: the recipe end to end, stage by stage, into one run directory.
 
-Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> tasks/ ->
-sft/ -> rm/ -> ppo/ -> report.md. A stage whose outputs are complete is skipped on a re-run, and an
-interrupted pretraining or SFT resumes from its newest checkpoint. The recipe (qianwen/recipes/tiny.toml by
-default) holds one section per stage; any key can be overridden as `section.key=value`. Each model is
-then scored on the held-out synthetic tasks. Long-context evaluation, tool use and serving are future
-stages, listed in the report as not built.
+Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> tasks/ -> sft/ ->
+rm/ -> ppo/ -> eval/ -> samples.json -> report.md + report.html. A stage whose outputs are complete is skipped on a
+re-run, and an interrupted pretraining, SFT or reward model resumes from its newest checkpoint. `start` (the
+command's --from) redoes one stage and every later one; `only` (--only) redoes one stage alone and then renders the
+report card again, which reads nothing but files. The outputs of a stage to redo are renamed aside and only then
+deleted, so a half-deleted directory never passes for a finished one; run.json records what each stage took.
+
+A stage can take a user's artefact instead of making one, named by a bare key: `base=DIR` (a Hugging Face Qwen
+model directory, a real Qwen checkpoint say) becomes base/ and pretraining is skipped; `sft=DIR` and `rm=DIR`
+(a `qianwen rm` output) do the same for their stages, and `tokenizer=DIR` (or `tokenizer=qwen`, the released
+151,851-id vocabulary) for the tokenizer. A model's files are copied, not linked: the run directory then stands on
+its own (the original may move or go), and nothing written under the run directory can reach the user's files;
+copying a 1.8B checkpoint (3.7 GB) takes seconds. A tokenizer is read and written again in qianwen's layout
+(qwen.tiktoken + Hugging Face files). With `base=` and no `tokenizer=`, tokenizer/ becomes base's tokenizer, so
+the data (and the long-context evaluation that reads it) is tokenised the way the model reads.
+
+The recipe (qianwen/recipes/tiny.toml by default) holds one section per stage; docs/RECIPES.md documents every
+key, and any key can be overridden as `section.key=value`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 import qianwen
 from qianwen.config import apply_overrides, load_recipe
+from qianwen.recipe import EVALUATED, RunSettings, Settings, check_sections, eval_options, eval_tasks, recipe_path
 from qianwen.util import atomic_write
 
-RECIPES = Path(__file__).parent / "recipes"
+LEDGER = "run.json"
+PROVIDED = "provided.json"  # written into a directory copied from a user's artefact
+SAMPLES = "samples.json"
 SAMPLE_PROMPT = "def fibonacci(n):\n"
 SAMPLE_TOKENS = 48
 CHAT_PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have now?"
-NOT_BUILT = [
-    ("long-context evaluation", "perplexity past the training length with dynamic NTK, LogN and windows"),
-    ("tool use", "ReAct prompting, parsing and the tool loop"),
-    ("serving", "an OpenAI-compatible server with batching and a web chat page"),
-]
+PLOTS = ("pretrain.png", "sft.png", "rm.png", "ppo.png")
+
+Log = Callable[..., None]
 
 
 class RunError(RuntimeError):
     """A stage that could not run or failed its own check; the message says which and why."""
 
 
-@dataclass
-class StageResult:
+@dataclass(frozen=True)
+class Stage:
     name: str
-    seconds: float
-    summary: str
-    details: dict = field(default_factory=dict)
-    skipped: bool = False
+    outputs: tuple[str, ...]  # paths under the run directory that a re-run of the stage replaces
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads
+    uses: tuple[str, ...] = ()  # stages whose outputs it reads when they are there
 
 
-Log = Callable[..., None]
-STAGES = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "eval", "sample", "report")
-EVAL_KEYS = {"tasks": ["arith"], "limit": 100, "batch_size": 16, "max_new_tokens": 64}
-EVALUATED = ("base", "sft", "ppo")
-TASK_KEYS = {"seed": 0, "sft": 2000, "pairs": 1000, "pmp": 4000, "ppo": 1000, "eval_size": 200, "flip": 0.1}
+STAGES = (
+    Stage("tokenizer", ("tokenizer",)),
+    Stage("data", ("data",), ("tokenizer",)),
+    Stage("pretrain", ("base", "checkpoints/pretrain", "metrics/pretrain.jsonl"), ("data",)),
+    Stage("tasks", ("tasks",)),
+    Stage("sft", ("sft", "checkpoints/sft", "metrics/sft.jsonl"), ("pretrain", "tasks")),
+    Stage(
+        "rm",
+        ("rm-pmp", "rm", "checkpoints/rm-pmp", "checkpoints/rm", "metrics/rm-pmp.jsonl", "metrics/rm.jsonl"),
+        ("sft", "tasks"),
+    ),
+    Stage("ppo", ("ppo", "metrics/ppo.jsonl"), ("sft", "rm", "tasks")),
+    Stage("eval", ("eval",), ("pretrain", "sft", "ppo", "tasks", "data")),
+    Stage("sample", (SAMPLES,), ("pretrain",), ("sft", "ppo")),
+    Stage("report", ("report.md", "report.html", *PLOTS)),
+)
+NAMES = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
+ARTEFACTS = {"tokenizer": "tokenizer", "base": "pretrain", "sft": "sft", "rm": "rm"}  # [run] key -> stage
+DIRECTORY = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "rm": "rm"}  # stage -> its directory
 
 
-def recipe_path(name: str) -> Path:
-    """A recipe by name (tiny) or path (my.toml)."""
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = RECIPES / f"{name}.toml"
-        if not path.is_file():
-            known = sorted(p.stem for p in RECIPES.glob("*.toml"))
-            raise ValueError(f"unknown recipe {name!r}; use one of {known} or a path to a .toml file.")
-    return path
+# ---------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class Artefact:
+    key: str  # the [run] key that named it
+    source: Path  # resolved: a directory, or qwen.tiktoken for tokenizer=qwen
+
+
+@dataclass
+class Context:
+    out: Path
+    settings: Settings
+    log: Log
+    artefacts: dict[str, Artefact]  # stage -> what the user gave it
 
 
 def run(
@@ -75,433 +105,463 @@ def run(
     overrides: Sequence[str] = (),
     seed: int = 0,
     log: Log = print,
+    start: str | None = None,
+    only: str | None = None,
 ) -> Path:
-    """Run every built stage into `out`, skipping the ones already complete; return the report's path."""
+    """Run the recipe into `out`, skipping finished stages; `start` redoes that stage and every later one, `only`
+    that stage alone (and the report card). Returns the report's path."""
     out = Path(out)
+    for flag, name in (("--from", start), ("--only", only)):
+        if name is not None and name not in NAMES:
+            raise ValueError(f"{flag} {name!r} is not a stage; the stages are {', '.join(NAMES)}.")
+    if start and only:
+        raise ValueError("give --from or --only, not both.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "qianwen run drives its stages from one process; under torchrun start the training commands "
+            "(qianwen pretrain, sft, rm with --recipe and out=RUN_DIR), then `qianwen run` finishes the rest "
+            "(docs/RECIPES.md shows the sequence)."
+        )
     path = recipe_path(recipe)
     sections = apply_overrides(load_recipe(path), overrides, default_section="run")
-    unknown = sorted(set(sections.get("run", {})))
-    if unknown:
-        raise ValueError(
-            f"unknown run key(s) {unknown}; prefix a stage's keys with its section, e.g. pretrain.steps=10."
-        )
-    check_sections(sections, out, seed)
+    settings = check_sections(sections, out, seed)
+    ctx = Context(out, settings, log, artefacts(settings.run))
+    redo = set(NAMES[NAMES.index(start) :]) if start else {only} if only else set()
+    check_plan(ctx, redo, only)
+
     out.mkdir(parents=True, exist_ok=True)
+    ledger = read_ledger(out)
+    for name in sorted(redo, key=NAMES.index):
+        for relative in BY_NAME[name].outputs:
+            remove(out, relative)
+        ledger["stages"].pop(name, None)
+    ledger |= {"recipe": str(path), "seed": seed, "overrides": list(overrides)}
+    atomic_write(out / LEDGER, json.dumps(ledger, indent=2) + "\n")
     log(f"qianwen run -> {out} (recipe {path}, seed {seed})")
-    stages: list[StageResult] = []
-    steps = [
-        lambda: tokenizer_stage(out, sections.get("tokenizer", {}), log),
-        lambda: data_stage(out, sections, log),
-        lambda: pretrain_stage(out, sections, seed, log),
-        lambda: tasks_stage(out, sections.get("tasks", {}), log),
-        lambda: sft_stage(out, sections, seed, log),
-        lambda: rm_stage(out, sections, seed, log),
-        lambda: ppo_stage(out, sections, seed, log),
-        lambda: eval_stage(out, sections.get("eval", {}), seed, log),
-        lambda: sample_stage(out, log),
-        lambda: report_stage(out, path, seed, stages),
-    ]
-    report = None
-    for index, (name, work) in enumerate(zip(STAGES, steps), 1):
-        log(f"[{index}/{len(STAGES)}] {name}")
-        start = time.perf_counter()
-        report, summary, details, skipped = work()
-        seconds = time.perf_counter() - start
-        stages.append(StageResult(name, seconds, summary, details, skipped))
-        log(f"      {summary}  ({'done before, skipped' if skipped else f'{seconds:.1f}s'})")
-    log(f"\nreport: {report}")
-    log(f"chat with the model: {cli_name()} chat --model {out / 'ppo'}")
-    return report
+
+    from qianwen import report
+
+    for index, name in enumerate(NAMES, 1):
+        if only and name not in (only, "report"):
+            continue
+        log(f"[{index}/{len(NAMES)}] {name}")
+        if done(ctx, name):
+            log(f"      {report.summary(out, name)}  (done before, skipped)")
+            continue
+        begin = time.perf_counter()
+        WORK[name](ctx)
+        seconds = time.perf_counter() - begin
+        artefact = ctx.artefacts.get(name)
+        ledger["stages"][name] = {
+            "seconds": round(seconds, 3),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": report.machine(),
+            **({"provided": f"{artefact.key}={artefact.source}"} if artefact else {}),
+        }
+        atomic_write(out / LEDGER, json.dumps(ledger, indent=2) + "\n")
+        if name != "report":
+            log(f"      {report.summary(out, name)}  ({seconds:.1f}s)")
+    if only and only != "report":
+        stale = dependents(only)
+        stale = [s for s in stale if done(ctx, s)]
+        if stale:
+            log(f"note: {', '.join(stale)} still hold outputs made from the old {only}; --from {stale[0]} redoes them.")
+    final = out / ("ppo" if done(ctx, "ppo") else "sft")
+    log(f"\nreport: {out / 'report.md'} (and report.html)")
+    log(f"chat with the model: {report.cli_name()} chat --model {final}")
+    return out / "report.md"
+
+
+def dependents(stage: str) -> list[str]:
+    """The stages that read `stage`'s outputs, directly or through another stage (the report card aside)."""
+    found = [stage]
+    for later in STAGES[NAMES.index(stage) + 1 : -1]:
+        if set(later.needs + later.uses) & set(found):
+            found.append(later.name)
+    return found[1:]
+
+
+def artefacts(settings: RunSettings) -> dict[str, Artefact]:
+    """The user's artefacts by stage, each checked to be what its stage makes; base's tokenizer stands in for
+    tokenizer/ when no tokenizer is given."""
+    from qianwen.tokenizer import qwen_vocabulary
+
+    given = {}
+    for key, stage in ARTEFACTS.items():
+        value = getattr(settings, key).strip()
+        if not value:
+            continue
+        if key == "tokenizer" and value == "qwen":
+            source = qwen_vocabulary()
+        else:
+            source = Path(value).expanduser().resolve()
+            check_artefact(key, value, source)
+        given[stage] = Artefact(key, source)
+    if "pretrain" in given:
+        if "tokenizer" in given and not same_vocabulary(given["tokenizer"].source, given["pretrain"].source):
+            raise ValueError(
+                f"tokenizer={settings.tokenizer} and base={settings.base} have different vocabularies; drop "
+                "tokenizer= and the run uses base's."
+            )
+        given.setdefault("tokenizer", Artefact("base", given["pretrain"].source))
+    return given
+
+
+def check_artefact(key: str, value: str, source: Path) -> None:
+    """One sentence when `source` is not what stage `key` makes."""
+    from qianwen.checkpoint import CheckpointError, TensorSource, read_config
+    from qianwen.tokenizer import Tokenizer, TokenizerError
+
+    if key == "tokenizer":
+        what = "a tokenizer (a directory with qwen.tiktoken or tokenizer.json), or qwen"
+    else:
+        what = "a Hugging Face Qwen model directory (config.json, weights and tokenizer files)"
+    if not source.exists():
+        raise ValueError(f"{key}={value} does not exist; give {what}.")
+    try:
+        if key == "tokenizer":
+            Tokenizer.from_file(source)
+            return
+        if not source.is_dir() or not (source / "config.json").is_file():
+            raise ValueError(f"{key}={value} is not a model directory (it has no config.json); give {what}.")
+        read_config(source)
+        weights = TensorSource(source)
+        names = set(weights.names())
+        weights.close()
+        Tokenizer.from_file(source)
+    except (CheckpointError, TokenizerError) as exc:
+        detail = str(exc).rstrip(".")
+        kind = "tokenizer" if key == "tokenizer" else "model"
+        raise ValueError(f"{key}={value} is not a usable {kind}: {detail}.") from None
+    if key == "rm" and "score.weight" not in names:
+        raise ValueError(
+            f"rm={value} is a language model, not a reward model (it has no score.weight); give a `qianwen rm` "
+            "output, or leave rm= out and the run trains one."
+        )
+
+
+def same_vocabulary(a: Path, b: Path) -> bool:
+    from qianwen.tokenizer import Tokenizer
+
+    x, y = Tokenizer.from_file(a), Tokenizer.from_file(b)
+    return x.ranks == y.ranks and x.special_tokens == y.special_tokens
+
+
+def check_plan(ctx: Context, redo: set[str], only: str | None) -> None:
+    """Refuse, before anything changes, a run that would mix a user's artefact with outputs made without it,
+    leave --only without its inputs, or train on a corpus the recipe says the user must give."""
+    out = ctx.out
+    for stage, artefact in ctx.artefacts.items():
+        target = out / DIRECTORY[stage]
+        if stage in redo or not done(ctx, stage) or in_place(ctx, stage, artefact):
+            continue
+        holds = f"a copy of {provided(target)}" if provided(target) else "one the run made"
+        if stage == "tokenizer":
+            raise ValueError(
+                f"{artefact.key}={artefact.source} brings a tokenizer other than the one in {target} ({holds}); add "
+                "--from tokenizer to rebuild the run on it, or choose a new --out."
+            )
+        raise ValueError(
+            f"{target} already holds {holds}; add --from {stage} to replace it with {artefact.key}={artefact.source} "
+            "(the stages after it run again), or choose a new --out."
+        )
+    if only:
+        for stage, artefact in ctx.artefacts.items():
+            if stage != only and not in_place(ctx, stage, artefact):
+                raise ValueError(
+                    f"{artefact.key}= feeds the {stage} stage, which --only {only} does not run; use --from {stage}, "
+                    f"or drop {artefact.key}=."
+                )
+        needs = () if only in ctx.artefacts else BY_NAME[only].needs
+        missing = [n for n in needs if not done(ctx, n)]
+        if missing:
+            raise ValueError(
+                f"--only {only} reads the outputs of {', '.join(missing)}, which {out} does not have yet; run "
+                "`qianwen run` without --only first."
+            )
+    settings = ctx.settings
+    will_run = {n for n in NAMES if (n in redo or not done(ctx, n)) and (not only or n == only)}
+    reads_corpus = [s for s in ("tokenizer", "data") if s in will_run and s not in ctx.artefacts]
+    if settings.run.require_data and not settings.data_inputs and reads_corpus:
+        raise ValueError(
+            "this recipe trains on your own corpus (run.require_data = true) but data.inputs is empty; set it to "
+            "your files or directories, e.g. 'data.inputs=[\"corpus/\"]'."
+        )
+    paths = settings.data_inputs if reads_corpus else []
+    paths = paths + (settings.tokenizer.inputs if "tokenizer" in reads_corpus else [])
+    for item in paths:
+        if not Path(item).expanduser().exists():
+            raise ValueError(f"the recipe's inputs name {item}, which does not exist; fix the path or the override.")
+    policy = policy_vocabulary(ctx, redo) if "rm" in ctx.artefacts else None
+    if policy is not None and not same_vocabulary(policy, ctx.artefacts["rm"].source):
+        raise ValueError(
+            f"rm={ctx.artefacts['rm'].source} reads another vocabulary than the policy ({policy}); PPO scores the "
+            "policy's tokens with it, so the two must share one."
+        )
+
+
+def in_place(ctx: Context, stage: str, artefact: Artefact) -> bool:
+    """Whether the stage's directory already holds this artefact (a tokenizer: the same vocabulary)."""
+    target = ctx.out / DIRECTORY[stage]
+    if stage == "tokenizer":
+        return done(ctx, "tokenizer") and same_vocabulary(target, artefact.source)
+    return provided(target) == str(artefact.source)
+
+
+def policy_vocabulary(ctx: Context, redo: set[str]) -> Path | None:
+    """Where the policy PPO trains will take its tokenizer from, when that is known before the run starts."""
+    for stage in ("sft", "pretrain", "tokenizer"):
+        if stage in ctx.artefacts:
+            return ctx.artefacts[stage].source
+        if stage not in redo and done(ctx, stage):
+            return ctx.out / DIRECTORY[stage]
+    return None
+
+
+def provided(directory: Path) -> str | None:
+    """The source a directory was copied from, if it holds a user's artefact."""
+    marker = directory / PROVIDED
+    return json.loads(marker.read_text())["source"] if marker.is_file() else None
+
+
+def remove(out: Path, relative: str) -> None:
+    """Delete one output of the run: renamed aside first (an interrupted delete leaves nothing that looks
+    finished), and a link is unlinked, never followed out of the run directory."""
+    path = out / relative
+    for leftover in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        trash = out / f".trash-{path.name}-{os.getpid()}"
+        path.rename(trash)
+        shutil.rmtree(trash)
+
+
+def read_ledger(out: Path) -> dict:
+    path = out / LEDGER
+    ledger = json.loads(path.read_text()) if path.is_file() else {}
+    ledger.setdefault("stages", {})
+    return ledger
+
+
+def _stage_of(directory: Path) -> str | None:
+    meta = directory / "qianwen.json"
+    return json.loads(meta.read_text()).get("stage") if meta.is_file() else None
+
+
+def _has_tasks(summary: Path, wanted: list[str]) -> bool:
+    return summary.is_file() and set(wanted) <= set(json.loads(summary.read_text()).get("tasks", {}))
+
+
+def done(ctx: Context, name: str) -> bool:
+    """Whether the stage's outputs are complete (each is written last, or renamed into place whole)."""
+    out = ctx.out
+    if name == "tokenizer":
+        return (out / "tokenizer" / "bpe.json").is_file() or provided(out / "tokenizer") is not None
+    if name == "data":
+        return (out / "data" / "index.json").is_file() and (out / "data" / "stats.json").is_file()
+    if name in ("pretrain", "sft", "rm"):
+        directory = out / DIRECTORY[name]
+        return _stage_of(directory) == name or provided(directory) is not None
+    if name == "tasks":
+        return (out / "tasks" / "manifest.json").is_file()
+    if name == "ppo":
+        return _stage_of(out / "ppo") == "ppo"
+    if name == "eval":
+        return all(_has_tasks(out / "eval" / f"{m}.json", eval_tasks(ctx.settings.eval, m)) for m in EVALUATED)
+    if name == "sample":
+        return (out / SAMPLES).is_file()
+    return False  # the report card is rendered on every run: it only reads files
 
 
 # ---------------------------------------------------------------------------
-# 1. tokenizer, 2. data, 3. pretrain
+# The stages' work
 
 
-TOKENIZER_KEYS = {"vocab_size": 8192, "max_bytes": None, "inputs": []}
+def _indent(log: Log) -> Log:
+    return lambda *a, **k: log("     ", *a, **k)
 
 
-def check_sections(sections: dict, out: Path, seed: int) -> None:
-    """Every stage's settings, checked before the first stage starts, so a typo fails in a second, not later."""
-    from qianwen.config import preset
+def copy_artefact(ctx: Context, stage: str) -> None:
+    """The stage's directory becomes a copy of the user's model directory (its top-level files), marked as
+    such; what an interrupted training of the stage left (checkpoints, metrics) goes first."""
+    from qianwen.train.loop import write_model_dir
 
-    unknown = sorted(set(sections.get("tokenizer", {})) - set(TOKENIZER_KEYS))
-    if unknown:
-        raise ValueError(f"unknown tokenizer key(s) {unknown}; valid keys are {sorted(TOKENIZER_KEYS)}.")
-    prep_config(sections)
-    pretrain_config(sections, out, seed)
-    unknown = sorted(set(sections.get("tasks", {})) - set(TASK_KEYS))
-    if unknown:
-        raise ValueError(f"unknown tasks key(s) {unknown}; valid keys are {sorted(TASK_KEYS)}.")
-    for name in ("sft", "rm", "ppo"):
-        alignment_config(name, sections, out, seed)
-    unknown = sorted(set(sections.get("eval", {})) - set(EVAL_KEYS))
-    if unknown:
-        raise ValueError(f"unknown eval key(s) {unknown}; valid keys are {sorted(EVAL_KEYS)}.")
-    model = dict(sections.get("model", {}))
-    preset(model.pop("preset", "tiny-10m"), **model)
+    artefact = ctx.artefacts[stage]
+    for relative in BY_NAME[stage].outputs:
+        remove(ctx.out, relative)
 
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for path in sorted(artefact.source.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, tmp / path.name)
+        marker = {"key": artefact.key, "source": str(artefact.source), "copied": datetime.now().isoformat()}
+        atomic_write(tmp / PROVIDED, json.dumps(marker, indent=2) + "\n")
 
-def prep_config(sections: dict):
-    from qianwen.config import build
-    from qianwen.data.config import PrepConfig
-
-    section = {k: v for k, v in sections.get("data", {}).items() if k != "inputs"}
-    config = build(PrepConfig, section, "data")
-    config.check()
-    return config
+    write_model_dir(ctx.out / DIRECTORY[stage], write)
 
 
-def pretrain_config(sections: dict, out: Path, seed: int):
-    from qianwen.config import build
-    from qianwen.train.pretrain import PretrainConfig
-
-    section = {**sections.get("pretrain", {}), "data": str(out / "data"), "out": str(out)}
-    section.setdefault("seed", seed)
-    return build(PretrainConfig, section, "pretrain")
-
-
-def tokenizer_stage(out: Path, section: dict, log: Log):
+def tokenizer_stage(ctx: Context) -> None:
     from qianwen.bpe import train
+    from qianwen.tokenizer import Tokenizer
+    from qianwen.train.loop import write_model_dir
 
-    directory = out / "tokenizer"
-    done = directory / "bpe.json"
-    skipped = done.is_file()
-    if not skipped:
-        settings = dict(section)
-        vocab_size = settings.pop("vocab_size", 8192)
-        max_bytes = settings.pop("max_bytes", None)
-        inputs = settings.pop("inputs", [])
-        if settings:
-            raise ValueError(
-                f"unknown tokenizer key(s) {sorted(settings)}; valid keys are inputs, max_bytes, vocab_size."
-            )
-        train(inputs, vocab_size, directory, max_bytes=max_bytes, force=True, log=lambda *a, **k: log("     ", *a, **k))
-    meta = json.loads(done.read_text())
-    held = meta.get("held_out") or {}
-    summary = f"{meta['vocab_size']:,} ids trained on {meta['corpus']['train_bytes'] / 1e6:.1f} MB"
-    if held.get("bytes_per_token"):
-        summary += (
-            f"; {held['bytes_per_token']:.3f} bytes/token on held-out text "
-            f"(Qwen's 151,851 ids: {held['qwen_bytes_per_token']:.3f})"
-        )
-    return None, summary, _flatten(meta), skipped
+    directory = ctx.out / "tokenizer"
+    artefact = ctx.artefacts.get("tokenizer")
+    if artefact is None:
+        s = ctx.settings.tokenizer
+        inputs = s.inputs or ctx.settings.data_inputs
+        train(inputs, s.vocab_size, directory, max_bytes=s.max_bytes or None, force=True, log=_indent(ctx.log))
+        return
+    tok = Tokenizer.from_file(artefact.source)
+
+    def write(tmp: Path) -> None:
+        tok.save(tmp)
+        marker = {"key": artefact.key, "source": str(artefact.source), "copied": datetime.now().isoformat()}
+        atomic_write(tmp / PROVIDED, json.dumps(marker, indent=2) + "\n")
+
+    write_model_dir(directory, write)
 
 
-def data_stage(out: Path, sections: dict, log: Log):
-    from qianwen.config import build
-    from qianwen.data.config import PrepConfig
+def data_stage(ctx: Context) -> None:
     from qianwen.data.prep import prep, summary
 
-    directory = out / "data"
-    skipped = (directory / "index.json").is_file()
-    if not skipped:
-        section = dict(sections.get("data", {}))
-        inputs = section.pop("inputs", [])
-        config = build(PrepConfig, section, "data")
-        config.check()
-        start = time.perf_counter()
-        stats = prep(inputs, out / "tokenizer", directory, config)
-        for line in summary(stats, directory, time.perf_counter() - start).splitlines():
-            log(f"      {line}")
-    stats = json.loads((directory / "stats.json").read_text())
-    train, val = stats["output"]["train"], stats["output"]["val"]
-    removed = {
-        name: sum(stage["removed"].values()) for name, stage in stats["stages"].items() if stage.get("enabled", True)
-    }
-    summary_line = (
-        f"{stats['read']['documents']:,} documents read, {train['documents']:,} kept for training "
-        f"({train['tokens']:,} tokens) and {val['documents']:,} for validation ({val['tokens']:,} tokens); removed "
-        + ", ".join(f"{name} {n}" for name, n in removed.items())
-    )
-    details = {"malformed records": stats["read"]["malformed"]}
-    for name, stage in stats["stages"].items():
-        details[name] = (
-            f"{stage['documents_in']:,} -> {stage['documents_out']:,} documents "
-            f"({', '.join(f'{r} {n}' for r, n in stage['removed'].items()) or 'none removed'})"
-        )
-    return None, summary_line, details, skipped
+    directory = ctx.out / "data"
+    begin = time.perf_counter()
+    stats = prep(ctx.settings.data_inputs, ctx.out / "tokenizer", directory, ctx.settings.prep)
+    for line in summary(stats, directory, time.perf_counter() - begin).splitlines():
+        ctx.log(f"      {line}")
 
 
-def pretrain_stage(out: Path, sections: dict, seed: int, log: Log):
-    from qianwen.config import build
-    from qianwen.train.pretrain import PretrainConfig, pretrain
+def pretrain_stage(ctx: Context) -> None:
+    from qianwen.train.pretrain import pretrain
 
-    section = {**sections.get("pretrain", {}), "data": str(out / "data"), "out": str(out)}
-    section.setdefault("seed", seed)
-    config = build(PretrainConfig, section, "pretrain")
-    meta_path = out / "base" / "qianwen.json"
-    metrics = out / "metrics" / "pretrain.jsonl"
-    skipped = meta_path.is_file() and json.loads(meta_path.read_text()).get("stage") == "pretrain"
-    if not skipped:
-        resume = (out / "checkpoints" / "pretrain" / "latest").is_file()
-        if resume:
-            log("      resuming from the newest checkpoint")
-        pretrain(config, dict(sections.get("model", {})), resume=resume)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    meta = json.loads(meta_path.read_text())
-    entropy = meta.get("unigram_entropy")
-    last = train[-1]
-    summary = (
-        f"{last['step']} steps, {last['tokens']:,} tokens; train loss {train[0]['loss']:.2f} -> {last['loss']:.2f}"
-    )
-    if val:
-        summary += f", validation loss {val[-1]['val_loss']:.3f} ({val[-1]['val_bpb']:.3f} bits/byte)"
-    if entropy:
-        summary += f" vs the data's unigram entropy {entropy:.3f}"
-    details = {
-        "model": meta["model"],
-        "parameters": f"{qianwen.ModelConfig.from_dict(meta['model']).num_params:,}",
-        "tokens/s (last logged step)": last["tokens_per_s"],
-        "MFU (last logged step)": last.get("mfu"),
-        "validation": [{k: r[k] for k in ("step", "val_loss", "val_bpb")} for r in val],
-        "metrics": str(metrics),
-    }
-    return None, summary, details, skipped
+    if "pretrain" in ctx.artefacts:
+        copy_artefact(ctx, "pretrain")
+        return
+    resume = (ctx.out / "checkpoints" / "pretrain" / "latest").is_file()
+    if resume:
+        ctx.log("      resuming from the newest checkpoint")
+    pretrain(ctx.settings.pretrain, dict(ctx.settings.model), resume=resume)
 
 
-# ---------------------------------------------------------------------------
-# 4. tasks, 5. SFT, 6. reward model, 7. PPO
-
-
-def alignment_config(name: str, sections: dict, out: Path, seed: int):
-    """The stage's settings with the run's paths filled in (a recipe sets only hyper-parameters)."""
-    from qianwen.config import build
-
-    tasks = out / "tasks"
-    paths = {
-        "sft": {"model": out / "base", "data": tasks / "sft.jsonl", "out": out},
-        "rm": {"model": out / "sft", "data": tasks / "rm.jsonl", "pmp_data": tasks / "pmp.jsonl", "out": out},
-        "ppo": {"policy": out / "sft", "reward_model": out / "rm", "prompts": tasks / "ppo.jsonl", "out": out},
-    }[name]
-    section = {"seed": seed, **sections.get(name, {}), **{k: str(v) for k, v in paths.items()}}
-    if name == "sft":
-        from qianwen.train.sft import SFTConfig as cls
-    elif name == "rm":
-        from qianwen.train.reward import RMConfig as cls
-    else:
-        from qianwen.train.ppo import PPOConfig as cls
-    return build(cls, section, name)
-
-
-def _done(directory: Path, stage: str) -> bool:
-    meta = directory / "qianwen.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("stage") == stage
-
-
-def _records(out: Path, stage: str) -> list[dict]:
-    path = out / "metrics" / f"{stage}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def tasks_stage(out: Path, section: dict, log: Log):
+def tasks_stage(ctx: Context) -> None:
     from qianwen.data.synthetic import make_all
 
-    directory = out / "tasks"
-    skipped = (directory / "manifest.json").is_file()
-    if not skipped:
-        make_all(directory, **{**TASK_KEYS, **section})
-    manifest = json.loads((directory / "manifest.json").read_text())
-    counts = {name: files["records"] for name, files in manifest["files"].items()}
-    summary = "synthetic tasks (arithmetic, instructions, tool use; English and Chinese): " + ", ".join(
-        f"{name} {n:,}" for name, n in counts.items()
-    )
-    return None, summary, {f"{name}": n for name, n in counts.items()}, skipped
+    make_all(ctx.out / "tasks", **asdict(ctx.settings.tasks))
 
 
-def sft_stage(out: Path, sections: dict, seed: int, log: Log):
+def sft_stage(ctx: Context) -> None:
     from qianwen.train.sft import sft
 
-    skipped = _done(out / "sft", "sft")
-    if not skipped:
-        resume = (out / "checkpoints" / "sft" / "latest").is_file()
-        sft(alignment_config("sft", sections, out, seed), resume=resume)
-    train = [r for r in _records(out, "sft") if "loss" in r]
-    val = [r for r in _records(out, "sft") if "val_loss" in r]
-    meta = json.loads((out / "sft" / "qianwen.json").read_text())
-    summary = f"{train[-1]['step']} steps on {meta['conversations']['train']:,} conversations; loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}"
-    if val:
-        summary += f", held-out loss {val[-1]['val_loss']:.3f}"
-    return (
-        None,
-        summary,
-        {"conversations": meta["conversations"], "metrics": str(out / "metrics" / "sft.jsonl")},
-        skipped,
-    )
+    if "sft" in ctx.artefacts:
+        copy_artefact(ctx, "sft")
+        return
+    sft(ctx.settings.sft, resume=(ctx.out / "checkpoints" / "sft" / "latest").is_file())
 
 
-def rm_stage(out: Path, sections: dict, seed: int, log: Log):
+def rm_stage(ctx: Context) -> None:
     from qianwen.train.reward import reward_model
 
-    skipped = _done(out / "rm", "rm")
-    if not skipped:
-        resume = any((out / "checkpoints" / s / "latest").is_file() for s in ("rm-pmp", "rm"))
-        reward_model(alignment_config("rm", sections, out, seed), resume=resume)
-    accuracy = {}
-    for stage in ("rm-pmp", "rm"):
-        if (out / stage / "qianwen.json").is_file():
-            accuracy[stage] = json.loads((out / stage / "qianwen.json").read_text()).get("val_accuracy")
-    meta = json.loads((out / "rm" / "qianwen.json").read_text())
-    summary = "held-out pairwise accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if v is not None)
-    details = {"accuracy": accuracy, "reward mean/std": meta.get("reward")}
-    return None, summary, details, skipped
+    if "rm" in ctx.artefacts:
+        copy_artefact(ctx, "rm")
+        return
+    resume = any((ctx.out / "checkpoints" / s / "latest").is_file() for s in ("rm-pmp", "rm"))
+    reward_model(ctx.settings.rm, resume=resume)
 
 
-def ppo_stage(out: Path, sections: dict, seed: int, log: Log):
+def ppo_stage(ctx: Context) -> None:
     from qianwen.train.ppo import ppo
 
-    skipped = _done(out / "ppo", "ppo")
-    if not skipped:
-        ppo(alignment_config("ppo", sections, out, seed))
-    records = _records(out, "ppo")
-    first, last = records[0], records[-1]
-    summary = (
-        f"{last['step']} steps; reward {first['reward']:.3f} -> {last['reward']:.3f}, KL {last['kl']:.3f} nats, "
-        f"replies ended {first['ended_fraction']:.0%} -> {last['ended_fraction']:.0%}"
-    )
-    return None, summary, {"first step": first, "last step": last}, skipped
+    if not same_vocabulary(ctx.out / "sft", ctx.out / "rm"):
+        raise RunError(
+            f"{ctx.out / 'rm'} reads another vocabulary than the policy {ctx.out / 'sft'}; PPO scores the policy's "
+            "tokens with the reward model, so redo the reward model from this policy (--from rm)."
+        )
+    ppo(ctx.settings.ppo)
 
 
-def eval_stage(out: Path, section: dict, seed: int, log: Log):
-    """Each model of the run on the held-out synthetic tasks (exact match), one summary per model."""
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def eval_stage(ctx: Context) -> None:
+    """Each model of the run scored by the harness; a model whose summary lacks a wanted task is scored again.
+    The chat tasks get their own sample limit: the agent answers one question at a time."""
     from qianwen.eval import harness, tasks
 
-    settings = {**EVAL_KEYS, **section}
-    modules = {name: tasks.load(name) for name in tasks.resolve(settings["tasks"])}
-    extra = {"max_new_tokens": str(settings["max_new_tokens"])}
-    options = harness.TaskOptions(out / "tasks", settings["limit"], settings["batch_size"], seed)
-    scores, skipped = {}, True
+    settings, out = ctx.settings.eval, ctx.out
+    extra = eval_options(settings, out)
+    chat = set(tasks.resolve(settings.chat_tasks)) if settings.chat_tasks.strip() else set()
     for stage in EVALUATED:
+        wanted = eval_tasks(settings, stage)
         target = out / "eval" / f"{stage}.json"
-        if not target.is_file():
-            skipped = False
-            model, tok = qianwen.load(out / stage)
-            meta = {"model": str(out / stage), "limit": settings["limit"], "seed": seed}
-            harness.run_tasks(
-                model, tok, modules, options, extra, lambda d, t=target, m=meta: harness.write_outputs(t, d, m)
-            )
-        summary = json.loads(target.read_text())["tasks"]
-        scores[stage] = {task: next(iter(v["metrics"].values())) for task, v in summary.items()}
-    line = "; ".join(
-        f"{task}: " + ", ".join(f"{stage} {scores[stage][task]:.1%}" for stage in EVALUATED) for task in scores["base"]
-    )
-    return None, f"held-out exact match ({settings['limit']} per task) {line}", {"scores": scores}, skipped
+        if _has_tasks(target, wanted):
+            continue
+        modules = {name: tasks.load(name) for name in wanted}
+        mine = {k: v for k, v in extra.items() if _reads(modules, k)}
+        ctx.log(f"      scoring {stage}/ on {', '.join(wanted)}")
+        model, tok = qianwen.load(out / stage, device=_device(settings.device))
+        meta = {"model": str(out / stage), "limit": settings.limit, "options": mine}
+        finished: list = []
+        for group, limit in ((False, settings.limit), (True, settings.chat_limit or settings.limit)):
+            subset = {n: m for n, m in modules.items() if (n in chat and stage != "base") == group}
+            if not subset:
+                continue
+            options = harness.TaskOptions(out / "tasks", limit, settings.batch_size, ctx.settings.pretrain.seed)
+            # Each write holds the groups scored before this one too, so the summary is never partial.
+            write = lambda d, t=target, f=list(finished), m=meta: harness.write_outputs(t, f + d, m)
+            finished += harness.run_tasks(model, tok, subset, options, mine, write)
 
 
-# ---------------------------------------------------------------------------
-# 9. sample, 10. report
+def _reads(modules: dict, key: str) -> bool:
+    """Whether one of these tasks takes option `key` (bare, or task.key), so each model gets only its own."""
+    task, dot, bare = key.rpartition(".")
+    if dot:
+        return task in modules
+    return any(not hasattr(m, "OPTIONS") or bare in m.OPTIONS for m in modules.values())
 
 
-def sample_stage(out: Path, log: Log):
+def sample_stage(ctx: Context) -> None:
     """The pretrained model completes code; the final chat model answers a question."""
-    model, tok = qianwen.load(out / "base")
+    out, device = ctx.out, _device(ctx.settings.eval.device)
+    model, tok = qianwen.load(out / "base", device=device)
     completion = qianwen.generate(model, tok, tok.encode(SAMPLE_PROMPT), SAMPLE_TOKENS, stop_ids=[tok.eod_id])
-    log("      base/ completes " + repr(SAMPLE_PROMPT) + ":")
+    samples = {"base": {"prompt": SAMPLE_PROMPT, "completion": completion.text}}
+    ctx.log("      base/ completes " + repr(SAMPLE_PROMPT) + ":")
     for line in (SAMPLE_PROMPT + completion.text).splitlines()[:8]:
-        log("        " + line)
-    details = {"prompt": SAMPLE_PROMPT, "text": SAMPLE_PROMPT + completion.text}
-    chat = next((out / d for d in ("ppo", "sft") if (out / d / "qianwen.json").is_file()), None)
+        ctx.log("        " + line)
+    chat = next((d for d in ("ppo", "sft") if done(ctx, d)), None)
     if chat is not None:
-        model, tok = qianwen.load(chat)
+        model, tok = qianwen.load(out / chat, device=device)
         reply = qianwen.generate(model, tok, tok.render_chat([{"role": "user", "content": CHAT_PROMPT}]), 64)
-        log(f"      {chat.name}/ answers {CHAT_PROMPT!r}: {reply.text!r}")
-        details["chat"] = f"{chat.name}/: {CHAT_PROMPT} -> {reply.text}"
-    return None, f"samples from base/ and {chat.name if chat else 'no chat model'}", details, False
+        ctx.log(f"      {chat}/ answers {CHAT_PROMPT!r}: {reply.text!r}")
+        samples["chat"] = {"model": chat, "prompt": CHAT_PROMPT, "reply": reply.text}
+    atomic_write(out / SAMPLES, json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
 
 
-def report_stage(out: Path, recipe: Path, seed: int, stages: list[StageResult]):
-    path = out / "report.md"
-    atomic_write(path, render_report(out, recipe, seed, stages))
-    return path, f"wrote {path}", {}, False
+def report_stage(ctx: Context) -> None:
+    from qianwen import report
+
+    report.write(ctx.out)
 
 
-def cli_name() -> str:
-    """`qianwen` if the shell finds this installation's script, else its path
-    (after `make run` the virtualenv is usually not activated)."""
-    script = Path(sys.executable).with_name("qianwen")
-    found = shutil.which("qianwen")
-    if found and Path(found).resolve() == script.resolve():
-        return "qianwen"
-    return os.path.relpath(script) if script.exists() else "qianwen"
-
-
-def environment() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "qianwen": f"{qianwen.__version__} (git {git_commit()})",
-        "platform": platform.platform(),
-        "cpus": str(os.cpu_count()),
-    }
-
-
-def git_commit() -> str:
-    """The source tree's commit, marked dirty if it has uncommitted changes; "unknown" outside a checkout."""
-    here = Path(__file__).parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
-def _flatten(meta: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in meta.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key} "))
-        elif not isinstance(value, list):
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def render_report(out: Path, recipe: Path, seed: int, stages: list[StageResult]) -> str:
-    lines = [
-        "# qianwen run report",
-        "",
-        f"Run directory `{out}`, recipe `{recipe.name}`, seed {seed}, finished {time.strftime('%Y-%m-%d %H:%M:%S')}.",
-        "",
-        "## Environment",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in environment().items()),
-        "",
-        "## Stages",
-        "",
-        "| stage | time | result |",
-        "|---|---|---|",
-        *(
-            f"| {i}. {s.name} | {'earlier run' if s.skipped else f'{s.seconds:.1f} s'} | {s.summary} |"
-            for i, s in enumerate(stages, 1)
-        ),
-        "",
-    ]
-    for i, stage in enumerate(stages, 1):
-        lines += [f"### {i}. {stage.name}", ""]
-        lines += [f"- {key}: {value}" for key, value in stage.details.items() if key != "text"]
-        if "text" in stage.details:
-            lines += ["", "````text", stage.details["text"], "````"]
-        lines.append("")
-    lines += ["## Not built yet", "", "Future stages of `qianwen run`:", ""]
-    lines += [f"- **{name}**: {what}" for name, what in NOT_BUILT]
-    base = out / "base"
-    lines += [
-        "",
-        "## Next",
-        "",
-        "```",
-        f"{cli_name()} chat --model {out / 'ppo'}",
-        f"{cli_name()} generate --model {base} --prompt 'import os'",
-        f"{cli_name()} agent --model {out / 'ppo'} --tools code_interpreter 'What is 31415 * 2718?'",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+WORK: dict[str, Callable[[Context], None]] = {
+    "tokenizer": tokenizer_stage,
+    "data": data_stage,
+    "pretrain": pretrain_stage,
+    "tasks": tasks_stage,
+    "sft": sft_stage,
+    "rm": rm_stage,
+    "ppo": ppo_stage,
+    "eval": eval_stage,
+    "sample": sample_stage,
+    "report": report_stage,
+}

@@ -1,5 +1,6 @@
 """The `qianwen` command line: each command against the library (and transformers) as reference, and every
-user error as one `error:` line with exit status 2, in process and as a real subprocess."""
+user error as one `error:` line with exit status 2, in process and as a real subprocess. `qianwen run` has its
+own file, test_run.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from safetensors.torch import save_file
 import qianwen
 from qianwen.cli import main
 from qianwen.config import ModelConfig
-from qianwen.run import NOT_BUILT
 from qianwen.tokenizer import DEFAULT_SYSTEM, Tokenizer, qwen_vocabulary
 
 # The real Qwen ids (151,851) so text prompts work; tiny everywhere else so saving stays fast.
@@ -334,7 +334,7 @@ def test_convert_can_change_dtype_and_refuses_to_overwrite(tmp_path, checkpoint,
 
 
 # ---------------------------------------------------------------------------
-# download and run
+# download
 
 
 def test_download_offline_ends_with_one_sentence(tmp_path):
@@ -344,78 +344,3 @@ def test_download_offline_ends_with_one_sentence(tmp_path):
     assert result.stdout == ""
     assert_one_error_line(result.stderr)
     assert "Qwen/Qwen-1_8B" in result.stderr and "network" in result.stderr and "by hand" in result.stderr
-
-
-MICRO = [
-    "tokenizer.vocab_size=512",
-    "tokenizer.max_bytes=300000",
-    "data.read.max_bytes=300000",
-    "model.preset=tiny-1m",
-    "model.hidden_size=32",
-    "pretrain.steps=3",
-    "pretrain.seq_length=64",
-    "pretrain.batch_size=2",
-    "pretrain.eval_batches=1",
-    "tasks.sft=24",
-    "tasks.pairs=24",
-    "tasks.pmp=24",
-    "tasks.ppo=8",
-    "tasks.eval_size=4",
-    "sft.steps=2",
-    "sft.seq_length=256",
-    "rm.pmp_steps=1",
-    "rm.steps=1",
-    "rm.seq_length=256",
-    "rm.batch_size=2",
-    "ppo.steps=1",
-    "ppo.prompts_per_step=2",
-    "ppo.max_new_tokens=4",
-    "eval.limit=2",
-    "eval.max_new_tokens=4",
-]
-
-
-def test_run_trains_every_built_stage_and_skips_them_on_a_rerun(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
-    printed = capsys.readouterr().out
-    stages = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "eval", "sample", "report")
-    for i, stage in enumerate(stages, 1):
-        assert f"[{i}/10] {stage}" in printed
-    assert "bytes/token on held-out text" in printed and "unigram entropy" in printed
-    assert f"chat --model {out / 'ppo'}" in printed
-
-    report = (out / "report.md").read_text()
-    for heading in ("## Environment", "## Stages", "1. tokenizer", "2. data", "3. pretrain", "5. sft", "7. ppo"):
-        assert heading in report
-    for directory in ("tasks", "sft", "rm-pmp", "rm", "ppo"):
-        assert (out / directory).is_dir(), directory
-    for stage in ("base", "sft", "ppo"):
-        assert "arith" in json.loads((out / "eval" / f"{stage}.json").read_text())["tasks"]
-    assert qianwen.load(out / "ppo")[0].config.vocab_size == 512
-    not_built = report.split("## Not built yet", 1)[1]
-    for name, _ in NOT_BUILT:
-        assert f"**{name}**" in not_built
-    tok = Tokenizer.from_file(out / "tokenizer")
-    assert tok.vocab_size == 512
-    model, base_tok = qianwen.load(out / "base")
-    assert model.config.vocab_size == 512 and model.config.hidden_size == 32
-    assert base_tok.encode("import os") == tok.encode("import os")
-    assert json.loads((out / "data" / "index.json").read_text())["vocab_size"] == 512
-    steps = [json.loads(line) for line in (out / "metrics" / "pretrain.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r] == [1, 3]
-
-    weights = (out / "base" / "model.safetensors").stat().st_mtime_ns
-    assert main(["run", "--out", str(out), "--seed", "1", *MICRO]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 8
-    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == weights
-
-
-def test_run_checks_every_setting_before_starting(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path / "x"), "pretrain.stepz=3"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown config key pretrain.stepz; valid keys in [pretrain]")
-    assert not (tmp_path / "x").exists()
-    assert main(["run", "--recipe", "nope"]) == 2
-    assert capsys.readouterr().err == "error: unknown recipe 'nope'; use one of ['tiny'] or a path to a .toml file.\n"
-    assert main(["run", "--out", str(tmp_path / "x"), "tokenizer.vocab=3"]) == 2
-    assert "unknown tokenizer key(s) ['vocab']" in capsys.readouterr().err

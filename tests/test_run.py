@@ -1,0 +1,354 @@
+"""`qianwen run` on a micro recipe: every artefact of the run directory exists and loads, the report card (Markdown
+and self-contained HTML) names every stage and embeds its plots, a re-run skips what is finished, --only and
+--from redo exactly what they say, a user's model stands in for a stage, and bad input is one `error:` line."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+import qianwen
+from qianwen.cli import main
+from qianwen.report import NOT_BUILT
+from qianwen.run import NAMES, PLOTS, run
+from qianwen.tokenizer import Tokenizer
+from qianwen.train.reward import load_reward_model
+
+MICRO = [
+    "tokenizer.vocab_size=512",
+    "tokenizer.max_bytes=300000",
+    "data.read.max_bytes=300000",
+    "model.preset=tiny-1m",
+    "model.hidden_size=32",
+    "pretrain.steps=3",
+    "pretrain.seq_length=64",
+    "pretrain.batch_size=2",
+    "pretrain.eval_batches=1",
+    "tasks.sft=24",
+    "tasks.pairs=24",
+    "tasks.pmp=24",
+    "tasks.ppo=8",
+    "tasks.eval_size=4",
+    "sft.steps=2",
+    "sft.seq_length=256",
+    "rm.pmp_steps=1",
+    "rm.steps=1",
+    "rm.seq_length=256",
+    "rm.batch_size=2",
+    "ppo.steps=1",
+    "ppo.prompts_per_step=2",
+    "ppo.max_new_tokens=4",
+    "eval.limit=2",
+    "eval.chat_limit=2",
+    "eval.max_new_tokens=4",
+    "eval.options.tool.agent_max_new_tokens=8",
+    "eval.longctx.lengths=0.5,1,2",
+    "eval.longctx.tokens=0",
+]
+# What each stage writes; a re-run of the stage must replace them and leave every other stage's alone.
+OUTPUTS = {
+    "tokenizer": ["tokenizer/qwen.tiktoken"],
+    "data": ["data/index.json"],
+    "pretrain": ["base/model.safetensors"],
+    "tasks": ["tasks/manifest.json"],
+    "sft": ["sft/model.safetensors"],
+    "rm": ["rm/model.safetensors"],
+    "ppo": ["ppo/model.safetensors"],
+    "eval": ["eval/base.json", "eval/sft.json", "eval/ppo.json"],
+    "sample": ["samples.json"],
+    "report": ["report.md", "report.html", *PLOTS],
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str]:
+    """One micro run, and what it printed."""
+    out = tmp_path_factory.mktemp("micro") / "run"
+    lines: list[str] = []
+    run(out, overrides=MICRO, seed=1, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    return out, "\n".join(lines)
+
+
+@pytest.fixture
+def copied(finished, tmp_path) -> Path:
+    """A copy of the finished run to change."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    return out
+
+
+def cli(out: Path, *args: str, then: tuple[str, ...] = ()) -> list[str]:
+    """The command line: flags and artefacts, the micro overrides, then overrides of those (the last one wins)."""
+    return ["run", "--out", str(out), "--seed", "1", *args, *MICRO, *then]
+
+
+def stamps(out: Path) -> dict[str, int]:
+    return {stage: [(out / f).stat().st_mtime_ns for f in files] for stage, files in OUTPUTS.items()}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+def assert_one_error_line(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------
+# The run directory
+
+
+def test_every_artefact_exists_and_loads(finished):
+    out, printed = finished
+    for i, stage in enumerate(NAMES, 1):
+        assert f"[{i}/{len(NAMES)}] {stage}" in printed
+    assert "bytes/token on held-out text" in printed and "unigram entropy" in printed
+    assert f"chat --model {out / 'ppo'}" in printed
+
+    tok = Tokenizer.from_file(out / "tokenizer")
+    assert tok.vocab_size == 512
+    assert json.loads((out / "data" / "index.json").read_text())["vocab_size"] == 512
+    assert set(json.loads((out / "data" / "stats.json").read_text())["stages"]) >= {"exact_dedup", "filters"}
+    for directory in ("base", "sft", "ppo"):
+        model, model_tok = qianwen.load(out / directory)
+        assert model.config.vocab_size == 512 and model.config.hidden_size == 32
+        assert model_tok.encode("import os") == tok.encode("import os")
+    reward, _, stats = load_reward_model(out / "rm")
+    assert set(stats) == {"mean", "std"} and reward.score.weight.shape == (1, 32)
+    assert qianwen.load(out / "rm-pmp")[0].config.hidden_size == 32
+    assert json.loads((out / "tasks" / "manifest.json").read_text())["files"]["sft.jsonl"]["records"] == 24
+    for stage in ("pretrain", "sft", "rm-pmp", "rm", "ppo"):
+        records = [json.loads(line) for line in (out / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+        assert records and all("step" in r for r in records), stage
+    scored = {m: set(json.loads((out / "eval" / f"{m}.json").read_text())["tasks"]) for m in ("base", "sft", "ppo")}
+    assert scored == {"base": {"arith", "longctx"}, "sft": {"arith", "tool"}, "ppo": {"arith", "tool"}}
+    assert (out / "eval" / "base.longctx.longctx.png").is_file()
+    samples = json.loads((out / "samples.json").read_text())
+    assert samples["base"]["prompt"] and samples["chat"]["model"] == "ppo"
+    ledger = json.loads((out / "run.json").read_text())
+    assert list(ledger["stages"]) == list(NAMES) and all(s["seconds"] >= 0 for s in ledger["stages"].values())
+
+
+def test_the_report_card_names_every_stage_and_embeds_its_plots(finished):
+    out, _ = finished
+    report = (out / "report.md").read_text()
+    for i, stage in enumerate(NAMES[:-1], 1):
+        assert f"## {i}. {stage}" in report
+        assert re.search(rf"\| {i}\. {stage} \| [\d.]+ s \|", report), stage  # its time in the stages table
+    for words in (
+        "## Environment",
+        "git ",
+        "torch",
+        "bytes/token",
+        "| exact_dedup |",
+        "tokens written",
+        "### Long context",
+    ):
+        assert words in report, words
+    # tokens per stage, from the files the stages wrote
+    assert f"| {2 * 3 * 64:,} tokens |" in report  # pretraining: 3 steps of 2 x 64
+    assert "| + dynamic NTK + LogN + window |" in report
+    for command in (f"chat --model {out / 'ppo'}", f"serve --model {out / 'ppo'}", f"eval --model {out / 'ppo'}"):
+        assert command in report
+    missing = [name for name, module, _ in NOT_BUILT if importlib.util.find_spec(module) is None]
+    assert ("## Not built yet" in report) == bool(missing)
+    assert all(f"**{name}**" in report for name in missing)
+
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert set(PLOTS) <= set(images) and "eval/base.longctx.longctx.png" in images
+    html = (out / "report.html").read_text()
+    assert "<script" not in html and not re.search(r'(src|href)="(?!data:)', html)  # no CDN, nothing fetched
+    for image in images:
+        data = (out / image).read_bytes()
+        assert data.startswith(b"\x89PNG") and imread(out / image).ndim == 3
+        assert f"data:image/png;base64,{base64.b64encode(data).decode()}" in html, image
+    for i, stage in enumerate(NAMES[:-1], 1):
+        assert f"<h2>{i}. {stage}</h2>" in html
+
+
+# ---------------------------------------------------------------------------
+# Re-runs
+
+
+def test_a_rerun_skips_every_finished_stage(copied, capsys):
+    before = stamps(copied)
+    assert main(cli(copied)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped") == len(NAMES) - 1
+    assert changed(before, stamps(copied)) == {"report"}
+
+
+def test_only_redoes_one_stage_and_the_report(copied, capsys):
+    before = stamps(copied)
+    assert main(cli(copied, "--only", "eval")) == 0
+    printed = capsys.readouterr().out
+    assert "[8/10] eval" in printed and "[10/10] report" in printed and "[7/10] ppo" not in printed
+    assert "note:" not in printed  # nothing reads the evaluation but the report card, made again
+    assert changed(before, stamps(copied)) == {"eval", "report"}
+
+
+def test_from_redoes_that_stage_and_every_later_one(copied, capsys):
+    (copied / "ppo" / "stale.txt").write_text("a file of the old ppo/ that must go")
+    before = stamps(copied)
+    assert main(cli(copied, "--from", "ppo")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped") == NAMES.index("ppo")
+    assert changed(before, stamps(copied)) == {"ppo", "eval", "sample", "report"}
+    assert not (copied / "ppo" / "stale.txt").exists()
+    assert not list(copied.glob(".trash-*"))
+    assert len((copied / "metrics" / "ppo.jsonl").read_text().splitlines()) == 1
+
+
+def test_redoing_pretraining_starts_it_over(copied, capsys):
+    # Resuming would find the finished checkpoint and train nothing: the redo must train from step 0.
+    before = stamps(copied)
+    assert main(cli(copied, "--only", "pretrain", then=("pretrain.steps=2",))) == 0
+    records = [json.loads(line) for line in (copied / "metrics" / "pretrain.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert changed(before, stamps(copied)) == {"pretrain", "report"}
+    assert "sft, rm, ppo, eval, sample still hold outputs made from the old pretrain; --from sft redoes them" in (
+        capsys.readouterr().out
+    )
+
+
+# ---------------------------------------------------------------------------
+# A user's artefacts
+
+
+def users_model(finished, tmp_path) -> Path:
+    """The micro run's base model as a user would hand it over: a plain Hugging Face directory."""
+    mine = tmp_path / "my-model"
+    shutil.copytree(finished[0] / "base", mine)
+    (mine / "qianwen.json").unlink()
+    return mine
+
+
+def test_only_pretrain_with_a_users_base_copies_it(finished, copied, tmp_path, capsys):
+    mine = users_model(finished, tmp_path)
+    assert main(cli(copied, "--only", "pretrain", f"base={mine}")) == 0
+    capsys.readouterr()
+    for path in mine.iterdir():
+        assert (copied / "base" / path.name).read_bytes() == path.read_bytes()
+    assert json.loads((copied / "base" / "provided.json").read_text())["source"] == str(mine.resolve())
+    assert not (copied / "metrics" / "pretrain.jsonl").exists()  # no training of its own to show
+    report = (copied / "report.md").read_text()
+    assert f"base/ is the user's model base={mine.resolve()}" in report
+    assert not (copied / "pretrain.png").exists()
+    # Done now: later runs skip it without being told again, and the same artefact again changes nothing.
+    assert main(cli(copied)) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == len(NAMES) - 1
+    assert main(cli(copied, f"base={mine}")) == 0
+
+
+def test_a_fresh_run_on_a_users_qwen_model(tmp_path, capsys):
+    """A model with Qwen's 151,851-id vocabulary stands in for a real checkpoint: tokenizer/ becomes its
+    tokenizer, so data/ and the long-context table read text the way the model does."""
+    from qianwen.config import ModelConfig
+    from qianwen.tokenizer import qwen_vocabulary
+
+    config = ModelConfig(vocab_size=151851, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                         seq_length=128, max_position_embeddings=1024)  # fmt: skip
+    model = qianwen.Transformer(config)
+    model.init_weights(0)
+    qwen = Tokenizer.from_file(qwen_vocabulary())
+    qianwen.save(model, qwen, tmp_path / "qwen-toy")
+    out = tmp_path / "run"
+    light = ("sft.batch_size=2", "eval.chat_tasks=", "eval.longctx.lengths=0.5,1")
+    assert main(cli(out, f"base={tmp_path / 'qwen-toy'}", then=light)) == 0
+    printed = capsys.readouterr().out
+    assert "[3/10] pretrain" in printed and "pretrain: wrote" not in printed
+    assert Tokenizer.from_file(out / "tokenizer").ranks == qwen.ranks
+    assert json.loads((out / "data" / "index.json").read_text())["vocab_size"] == 151851
+    assert qianwen.load(out / "ppo")[0].config.vocab_size == 151851
+    assert "longctx" in json.loads((out / "eval" / "base.json").read_text())["tasks"]
+    assert "from the user's base=" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------
+# User errors: one sentence, exit status 2, nothing changed
+
+
+def _bad_stage(out, tmp_path):
+    return cli(out, "--from", "pretrian"), "'pretrian' is not a stage; the stages are tokenizer, data, pretrain"
+
+
+def _both_flags(out, tmp_path):
+    return cli(out, "--from", "sft", "--only", "rm"), "not allowed with"
+
+
+def _missing_base(out, tmp_path):
+    return cli(out, "--from", "pretrain", f"base={tmp_path / 'nowhere'}"), "does not exist; give a Hugging Face"
+
+
+def _not_a_model(out, tmp_path):
+    (tmp_path / "notes").mkdir()
+    return cli(
+        out, "--from", "pretrain", f"base={tmp_path / 'notes'}"
+    ), "is not a model directory (it has no config.json)"
+
+
+def _lm_as_reward_model(out, tmp_path):
+    return cli(out, "--from", "rm", f"rm={out / 'sft'}"), "is a language model, not a reward model"
+
+
+def _replace_without_from(out, tmp_path):
+    return cli(out, f"sft={out / 'ppo'}"), "already holds one the run made; add --from sft"
+
+
+def _other_vocabulary(out, tmp_path):
+    return cli(out, "--from", "pretrain", "tokenizer=qwen"), "brings a tokenizer other than the one in"
+
+
+def _only_without_inputs(out, tmp_path):
+    return cli(tmp_path / "empty", "--only", "sft"), "--only sft reads the outputs of pretrain, tasks"
+
+
+def _unknown_run_key(out, tmp_path):
+    return cli(out, "bsae=x"), "unknown run key(s) ['bsae']; the bare keys are tokenizer, base, sft, rm"
+
+
+def _misspelt_section_key(out, tmp_path):
+    return cli(out, "pretrain.stepz=3"), "unknown config key pretrain.stepz; valid keys in [pretrain]"
+
+
+ERRORS = [
+    _bad_stage,
+    _both_flags,
+    _missing_base,
+    _not_a_model,
+    _lm_as_reward_model,
+    _replace_without_from,
+    _other_vocabulary,
+    _only_without_inputs,
+    _unknown_run_key,
+    _misspelt_section_key,
+]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=lambda f: f.__name__.strip("_"))
+def test_user_errors_are_one_sentence_and_change_nothing(case, copied, tmp_path, capsys):
+    args, words = case(copied, tmp_path)
+    before = stamps(copied)
+    assert main(args) == 2
+    printed, err = capsys.readouterr()
+    assert_one_error_line(err)
+    assert words in err and printed == "", err
+    assert stamps(copied) == before
+    assert not (tmp_path / "empty").exists()
+
+
+def test_tokens_of_the_validation_split_are_those_the_tokenizer_wrote(finished):
+    # The report measures compression by decoding data/'s validation split; it must be the tokenizer's own ids.
+    out, _ = finished
+    index = json.loads((out / "data" / "index.json").read_text())
+    shard = np.fromfile(out / "data" / index["splits"]["val"][0]["file"], dtype="<u4")
+    assert shard.max() < 512
