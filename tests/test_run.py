@@ -346,9 +346,123 @@ def test_user_errors_are_one_sentence_and_change_nothing(case, copied, tmp_path,
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_recipe_needing_data_says_so_before_starting(tmp_path, capsys):
+    assert main(["run", "--recipe", "small", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "data.inputs is empty" in err and not (tmp_path / "x").exists()
+    assert main(["run", "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'; use one of ['qwen-1.8b', 'small', 'tiny']" in capsys.readouterr().err
+
+
 def test_tokens_of_the_validation_split_are_those_the_tokenizer_wrote(finished):
     # The report measures compression by decoding data/'s validation split; it must be the tokenizer's own ids.
     out, _ = finished
     index = json.loads((out / "data" / "index.json").read_text())
     shard = np.fromfile(out / "data" / index["splits"]["val"][0]["file"], dtype="<u4")
     assert shard.max() < 512
+
+
+# ---------------------------------------------------------------------------
+# Recipes and their documentation
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_FILES = sorted((ROOT / "qianwen" / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_every_recipe_builds_every_section(path, tmp_path):
+    from qianwen.config import apply_overrides, load_recipe, preset
+    from qianwen.recipe import check_sections
+
+    recipe = load_recipe(path)
+    sections = apply_overrides(recipe, ['data.inputs=["corpus/"]'], default_section="run")
+    settings = check_sections(sections, tmp_path / "run", 0)
+    model = dict(settings.model)
+    config = preset(model.pop("preset", "tiny-10m"), **{"vocab_size": settings.tokenizer.vocab_size, **model})
+    assert config.seq_length == settings.pretrain.seq_length or not settings.pretrain.seq_length
+    assert settings.sft.model == str(tmp_path / "run" / "base") and settings.ppo.reward_model.endswith("rm")
+    assert "docs/RECIPES.md" in path.read_text()
+    if path.stem == "small":
+        assert 100e6 <= config.num_params <= 500e6
+    if path.stem == "qwen-1.8b":  # QWEN_SPEC.md sections 1, 5 and 6
+        config = preset(recipe["model"]["preset"], vocab_size=151936)
+        assert (config.hidden_size, config.num_layers, config.num_heads, config.intermediate_size) == (
+            2048,
+            24,
+            16,
+            5504,
+        )
+        assert settings.run.tokenizer == "qwen" and settings.pretrain.seq_length == 2048
+        p = settings.pretrain
+        assert (p.lr, p.min_lr_ratio, p.beta1, p.beta2, p.eps, p.dtype) == (3e-4, 0.1, 0.9, 0.95, 1e-8, "bf16")
+        assert 3.9e6 < p.batch_size * p.grad_accum * 64 * p.seq_length < 4.3e6  # ~4M tokens on 64 GPUs
+        assert 2.1e12 < p.steps * 2048 * 2048 < 2.3e12  # 2.2T tokens
+        s = settings.sft
+        assert (s.batch_size * s.grad_accum * 8, s.steps, s.warmup_steps, s.lr, s.dropout) == (
+            128,
+            4000,
+            1430,
+            2e-6,
+            0.1,
+        )
+        assert (settings.rm.lr, settings.rm.batch_size * 8) == (3e-6, 64)
+        o = settings.ppo
+        assert (o.kl_coef, o.lr, o.value_lr, o.value_warmup_steps, o.value_clip, o.top_p, o.samples_per_prompt) == (
+            0.04, 1e-6, 5e-6, 50, 0.15, 0.9, 2
+        )  # fmt: skip
+        assert o.ptx_data == str(tmp_path / "run" / "data")
+
+
+def test_the_recipe_reference_documents_every_key_and_no_other():
+    import dataclasses
+    import typing
+    from collections import defaultdict
+
+    from qianwen.config import SECTIONS, ModelConfig
+    from qianwen.data.config import PrepConfig
+    from qianwen.recipe import EvalSettings, RunSettings, TaskSettings, TokenizerSettings
+    from qianwen.train.ppo import PPOConfig
+    from qianwen.train.pretrain import PretrainConfig
+    from qianwen.train.reward import RMConfig
+    from qianwen.train.sft import SFTConfig
+
+    def keys_of(cls, prefix: str = "") -> set[str]:
+        hints, found = typing.get_type_hints(cls), set()
+        for f in dataclasses.fields(cls):
+            nested = dataclasses.is_dataclass(hints[f.name])
+            found |= keys_of(hints[f.name], f"{prefix}{f.name}.") if nested else {prefix + f.name}
+        return found
+
+    expected = {
+        "run": keys_of(RunSettings),
+        "model": {"preset"} | keys_of(ModelConfig),
+        "tokenizer": keys_of(TokenizerSettings),
+        "data": {"inputs"} | keys_of(PrepConfig),
+        "pretrain": keys_of(PretrainConfig),
+        "tasks": keys_of(TaskSettings),
+        "sft": keys_of(SFTConfig),
+        "rm": keys_of(RMConfig),
+        "ppo": keys_of(PPOConfig),
+        "eval": keys_of(EvalSettings),
+    }
+    # Rows of a table under "## [a], [b]" are keys of those sections; under "### [eval.longctx]" keys of eval
+    # prefixed longctx.; under a heading naming `filters.text.KEY`, keys with that prefix in the section above.
+    documented: dict[str, set[str]] = defaultdict(set)
+    targets: list[tuple[str, str]] = []
+    section = None
+    for line in (ROOT / "docs" / "RECIPES.md").read_text().splitlines():
+        if line.startswith("#"):
+            tables, patterns = re.findall(r"\[([a-z_.]+)\]", line), re.findall(r"`([a-z_.]+)KEY`", line)
+            if patterns:
+                targets = [(section, p) for p in patterns]
+            else:
+                targets = [(t.partition(".")[0], t.partition(".")[2] + "." if "." in t else "") for t in tables]
+                section = tables[0] if tables and line.startswith("## ") else section
+        elif line.startswith("| `"):
+            key = re.match(r"\| `([^`]+)`", line).group(1)
+            for where, prefix in targets:
+                documented[where].add(prefix + key)
+    assert set(documented) == set(expected) == set(SECTIONS)
+    for name in expected:
+        assert documented[name] == expected[name], name
