@@ -53,8 +53,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (qianwen, HF Qwen2 or Qwen v1)")
+def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model", required=required, metavar="DIR", help="checkpoint directory (qianwen, HF Qwen2 or Qwen v1)"
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (default: as stored)")
 
@@ -202,14 +204,15 @@ def _chat_command(command: str, rest: str, system: str, err) -> tuple[str, bool]
 
 
 def _chat_turn(backend, messages: list[dict], line: str, out, err) -> str | None:
-    """The reply to one message, or None (nothing kept) when the message does not fit."""
+    """The reply to one message, or None (nothing kept) when the message does not fit or the server refuses it."""
+    from qianwen.serve.client import Refused
+
     try:
         deltas = backend.reply([*messages, {"role": "user", "content": line}])
-    except PromptTooLong as exc:
+        return _write_stream(deltas, out)
+    except (PromptTooLong, Refused) as exc:
         print(f"error: {exc}", file=err)
         return None
-    try:
-        return _write_stream(deltas, out)
     except KeyboardInterrupt:
         # Ctrl-C stops this reply only; the chat goes on and the reply is not kept.
         print("\n[reply interrupted]", file=err)
@@ -233,14 +236,40 @@ def _read_line_from_stdin() -> Callable[[], str | None]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     options = _sampling(args)
-    model, tok = _load(args)
-    backend = LocalChat(model, tok, args.max_new_tokens, options)
+    if (args.model is None) == (args.url is None):
+        raise ValueError("give --model DIR (a local model) or --url http://HOST:PORT (a running server), not both.")
+    if args.url is not None:
+        from qianwen.serve.client import RemoteChat
+
+        backend = RemoteChat(args.url, args.api_key or os.environ.get("QIANWEN_API_KEY"), args.max_new_tokens, options)
+    else:
+        model, tok = _load(args)
+        backend = LocalChat(model, tok, args.max_new_tokens, options)
     if sys.stdin.isatty():
-        print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
+        print(f"chatting with {args.model or args.url}; {CHAT_HELP}", file=sys.stderr)
     try:
         chat_loop(backend, args.system, _read_line_from_stdin())
     except KeyboardInterrupt:
         print(file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qianwen.serve.app import create_app
+
+    model, tok = _load(args)
+    name = args.served_name or Path(args.model).resolve().name
+    api_key = args.api_key or os.environ.get("QIANWEN_API_KEY")
+    app = create_app(model, tok, name, api_key, args.max_batch, args.max_queue, args.max_model_len)
+    where = f"http://{args.host}:{args.port}"
+    print(f"serving {name!r} at {where}: chat page {where}/, OpenAI API {where}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -523,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat_help = "chat with a model, one message per line of stdin"
     p = commands.add_parser("chat", help=chat_help, description=f"{chat_help.capitalize()}; {CHAT_HELP}")
-    _add_model_options(p)
+    _add_model_options(p, required=False)
+    p.add_argument("--url", metavar="URL", help="chat with a running `qianwen serve` (or any OpenAI-compatible server)")
+    p.add_argument("--api-key", metavar="KEY", help="the server's key (default: $QIANWEN_API_KEY)")
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
     _add_sampling_options(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
@@ -540,6 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=8, metavar="N", help="model turns at most (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N", help="per model turn")
     p.set_defaults(func=cmd_agent)
+
+    p = commands.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API, with a web chat page",
+        description="An OpenAI-compatible server (chat and text completions, streaming, tools) with continuous "
+        "batching, and a chat page at /.",
+    )
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY", help="require this key as a Bearer token (default: $QIANWEN_API_KEY)")
+    p.add_argument("--served-name", metavar="NAME", help="the model id clients ask for (default: the directory name)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="choices waiting for a row before 429")
+    p.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context per row (default: the model's)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("convert", help="write any supported checkpoint as a Hugging Face Qwen2 directory")
     p.add_argument("src_dir", metavar="SRC_DIR")

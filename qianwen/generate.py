@@ -161,8 +161,9 @@ def token_steps(
 
 
 @dataclass
-class _Row:
-    """One prompt's output: ids, text, and the stop logic."""
+class OutputText:
+    """One reply as it grows: its ids, its text, and the stop logic (stop ids end it; a stop string
+    ends it and is cut; text that could begin a stop string is held back from streaming)."""
 
     tokenizer: Tokenizer | None
     stop_ids: frozenset[int]
@@ -228,7 +229,7 @@ def _rows(model, tokenizer, prompts, max_new_tokens, stop_ids, stop, sampling, u
     stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
     if stop_ids is None:
         stop_ids = tokenizer.chat_stop_ids + [tokenizer.eod_id] if tokenizer is not None else []
-    rows = [_Row(tokenizer, frozenset(stop_ids), stops) for _ in prompts]
+    rows = [OutputText(tokenizer, frozenset(stop_ids), stops) for _ in prompts]
     pad = tokenizer.pad_id if tokenizer is not None else 0
     steps = token_steps(model, prompts, max_new_tokens, sampling, pad, use_cache, compile)
     return rows, steps

@@ -159,10 +159,23 @@ class KVCache:
         self.length += 1
         self.seen = self.seen + 1
 
+    def rows(self, start: int, stop: int, max_len: int | None = None) -> KVCache:
+        """Rows start:stop and their first `max_len` slots as a cache that shares this one's memory. The
+        serving engine prefills a new request into one row and decodes its live rows through such a view."""
+        view = object.__new__(KVCache)
+        view.max_len = max_len or self.max_len
+        view.k = self.k[:, start:stop, :, : view.max_len]
+        view.v = self.v[:, start:stop, :, : view.max_len]
+        view.length, view.valid = 0, None
+        view.seen = self.seen[start:stop]
+        view.alpha = self.alpha[start:stop] if self.alpha is not None else None
+        return view
+
     def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        if isinstance(start, torch.Tensor):  # one decoding step: write in place, attend to every slot
-            self.k[layer].index_copy_(2, start.view(1), k)
-            self.v[layer].index_copy_(2, start.view(1), v)
+        if isinstance(start, torch.Tensor):  # one decoding step: write in place (each row at its own slot)
+            index = start.view(-1, 1, 1, 1).expand_as(k)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
             return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
@@ -274,9 +287,10 @@ class _StepContext:
         if inference and config.use_logn_attn:
             self.logn = logn_factors(positions, config.seq_length)[:, :, None, None]
         keys = torch.arange(cache.max_len, device=slot.device)
+        slot = slot.view(-1, 1)  # one slot for every row, or one per row
         allowed = keys[None, :] <= slot
         if cache.valid is not None:
-            cache.valid.index_fill_(1, slot.view(1), True)
+            cache.valid.scatter_(1, slot.expand(cache.valid.shape[0], 1), True)
             allowed = allowed & cache.valid
         self._keys, self._slot, self._allowed = keys, slot, allowed
         self.windows = config.attention_windows if inference and config.attention_windows else None
@@ -381,8 +395,9 @@ class Transformer(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per row [B, 1] written at cache
-        slot `slot` (a 0-dim tensor). Shapes are the same at every step, so this
-        is what `torch.compile` captures; the caller then calls `cache.advance()`."""
+        slot `slot` (a 0-dim tensor, or [B] when rows are at different slots).
+        Shapes are the same at every step, so this is what `torch.compile`
+        captures; the caller then calls `cache.advance()`."""
         ctx = _StepContext(self, cache, slot)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,270 @@
+"""Continuous batching. One thread owns the model and a KV cache of `max_batch` rows of `max_len` slots (the
+budget every request shares). A request joins the running batch between two decoding steps (its prompt is
+prefilled into a free row; the n choices of one prompt share that prefill) and leaves it the step it finishes,
+or the step after its client goes away, so a long reply never holds a short one up. Live rows are kept at the
+front of the cache: one decoding step is one forward pass over a view of those rows, each row at its own
+position. Beyond `max_batch` running and `max_queue` waiting, `submit` refuses with `Overloaded`."""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qianwen.generate import OutputText, Sampling, sample
+from qianwen.model import Transformer
+from qianwen.tokenizer import Tokenizer
+
+
+class Overloaded(RuntimeError):
+    """Every batch row is busy and the queue is full."""
+
+
+@dataclass(frozen=True)
+class Params:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k likeliest
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one decoding step added to one choice."""
+
+    text: str  # new text safe to show (a possible stop string is held back until it cannot be one)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", or "error" (then `text` says what went wrong)
+
+
+class Job:
+    """One choice being generated. `emit` is called from the engine's thread."""
+
+    def __init__(self, prompt: list[int], params: Params, index: int, tokenizer: Tokenizer, stop_ids, emit):
+        self.prompt, self.params, self.index, self.emit = prompt, params, index, emit
+        self.output = OutputText(tokenizer, frozenset(stop_ids), params.stop)
+        seed = params.seed + index if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
+        self.counts: collections.Counter[int] = collections.Counter()
+        self.length = 0  # tokens in the cache row
+        self.next_token = -1  # sampled, not yet fed to the model
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Called from any thread: the engine drops the job before its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_len: int | None = None,
+    ):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.stop_ids = [*tokenizer.chat_stop_ids, tokenizer.eod_id]
+        self.cache = model.new_cache(max_batch, self.max_len)
+        if model.config.use_dynamic_ntk:
+            self.cache.alpha = torch.ones(max_batch, device=self.cache.k.device)
+        self.device = self.cache.k.device
+        self.active: list[Job] = []  # job i owns cache row i
+        self.waiting: collections.deque[list[Job]] = collections.deque()
+        self.steps = self.generated = self.cancelled = 0  # decoding steps, tokens sampled, jobs dropped unfinished
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="qianwen-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: Sequence[int], params: Params, n: int, emit: Callable[[Job, Event], None]) -> list[Job]:
+        """Queue `n` choices for one prompt; `emit(job, event)` receives each step's output."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be between 1 and the server's --max-batch {self.max_batch}, got {n}.")
+        if not prompt or len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(
+                f"a {len(prompt)}-token prompt and max_tokens {params.max_tokens} do not fit {self.max_len}."
+            )
+        jobs = [Job(list(prompt), params, i, self.tokenizer, self.stop_ids, None) for i in range(n)]
+        for job in jobs:
+            job.emit = lambda event, job=job: emit(job, event)
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the server is shutting down.")
+            queued = sum(map(len, self.waiting))
+            if len(self.active) + queued + n > self.max_batch + self.max_queue:
+                raise Overloaded(
+                    f"all {self.max_batch} batch rows are busy and {queued} choices are queued "
+                    f"(the limit is {self.max_queue}); retry later."
+                )
+            self.waiting.append(jobs)
+            self._cond.notify()
+        return jobs
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {
+            "running": len(self.active),
+            "waiting": sum(map(len, self.waiting)),
+            "max_batch": self.max_batch,
+            "steps": self.steps,
+            "generated_tokens": self.generated,
+            "cancelled": self.cancelled,
+        }
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine's thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self.waiting and not self.active:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                admitted = []
+                while (
+                    self.waiting and len(self.active) + sum(map(len, admitted)) + len(self.waiting[0]) <= self.max_batch
+                ):
+                    admitted.append(self.waiting.popleft())
+            try:
+                self._drop_cancelled()
+                for jobs in admitted:
+                    jobs = [j for j in jobs if not j.cancelled]
+                    if jobs:
+                        self._prefill(jobs)
+                if self.active:
+                    self._step()
+            except Exception as exc:  # one failing batch must not take the server down
+                traceback.print_exc()
+                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+
+    @torch.inference_mode()
+    def _prefill(self, jobs: list[Job]) -> None:
+        row, prompt = len(self.active), jobs[0].prompt
+        cache = self.cache
+        cache.seen[row] = 0
+        view = cache.rows(row, row + 1)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=view, last_only=True)[:, -1].float()
+        T = len(prompt)
+        for offset, job in enumerate(jobs):
+            r = row + offset
+            if offset:
+                cache.k[:, r, :, :T] = cache.k[:, row, :, :T]
+                cache.v[:, r, :, :T] = cache.v[:, row, :, :T]
+            cache.seen[r] = T
+            if cache.alpha is not None:
+                cache.alpha[r] = view.alpha[0] if view.alpha is not None else 1.0
+            job.length = T
+            self.active.append(job)
+            self._advance(job, logits[0])
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        jobs = self.active
+        tokens = torch.tensor([[j.next_token] for j in jobs], dtype=torch.long, device=self.device)
+        span = max(j.length for j in jobs) + 1
+        view = self.cache.rows(0, len(jobs), span)
+        slots = view.seen.clone()
+        logits = self.model.decode_step(tokens, view, slots).float()
+        self.cache.seen[: len(jobs)] += 1
+        self.steps += 1
+        for job, row_logits in zip(list(jobs), logits, strict=True):
+            job.length += 1
+            self._advance(job, row_logits)
+        self._drop_finished()
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        """Pick the job's next token from its logits [V], hand its text over, and note whether it is done."""
+        p = job.params
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias, strict=True)
+            logits = logits.index_put(
+                (torch.tensor(ids, device=logits.device),),
+                torch.tensor(bias, dtype=logits.dtype, device=logits.device),
+                accumulate=True,
+            )
+        if job.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(job.counts), device=logits.device)
+            counts = torch.tensor(list(job.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_put((ids,), logits[ids] - p.presence_penalty - p.frequency_penalty * counts)
+        token = int(sample(logits[None], job.sampling, job.generator if p.temperature > 0 else None)[0])
+        logprobs = []
+        if p.logprobs is not None and token not in job.output.stop_ids:
+            lp = logits.log_softmax(-1)
+            top = lp.topk(p.logprobs) if p.logprobs else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+            logprobs.append(TokenLogprob(token, float(lp[token]), pairs))
+        job.counts[token] += 1
+        self.generated += 1
+        job.next_token = token
+        text = job.output.add(token)
+        if not job.output.done and len(job.output.ids) >= p.max_tokens:
+            text += job.output.finish("length")
+        job.emit(Event(text, logprobs, job.output.finish_reason if job.output.done else None))
+
+    def _drop_finished(self) -> None:
+        self._remove(self._gone)
+
+    def _drop_cancelled(self) -> None:
+        self._remove(lambda j: j.cancelled and self._gone(j))
+
+    def _gone(self, job: Job) -> bool:
+        if job.cancelled and not job.output.done:
+            self.cancelled += 1
+        return job.cancelled or job.output.done
+
+    def _remove(self, gone: Callable[[Job], bool]) -> None:
+        """Free the rows of finished jobs, moving the last live row into each hole so live rows stay in front."""
+        i = 0
+        while i < len(self.active):
+            if not gone(self.active[i]):
+                i += 1
+                continue
+            last = len(self.active) - 1
+            if i != last:
+                moved, cache = self.active[last], self.cache
+                n = moved.length
+                cache.k[:, i, :, :n] = cache.k[:, last, :, :n]
+                cache.v[:, i, :, :n] = cache.v[:, last, :, :n]
+                cache.seen[i] = cache.seen[last]
+                if cache.alpha is not None:
+                    cache.alpha[i] = cache.alpha[last]
+                self.active[i] = moved
+            self.active.pop()
+
+    def _fail_all(self, message: str) -> None:
+        for job in self.active:
+            if not job.output.done:
+                job.output.done = True
+                job.emit(Event(message, [], "error"))
+        self.active.clear()
