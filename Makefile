@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A pinned torch first: a bare or ranged requirement would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench fmt lint clean
+.PHONY: run test bench fmt lint clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/qianwen run
 
-test: $(VENV)/.installed-dev
+# The web chat page is tested in headless Chromium: Debian's package, installed when missing and apt is usable.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: no chromium and no root apt-get; the web page test will be skipped (apt install chromium)"
+
+test: $(VENV)/.installed-dev chromium
 	$(VENV)/bin/ruff check qianwen tests benchmarks
 	$(VENV)/bin/ruff format --check qianwen tests benchmarks
 	$(PY) -m pytest

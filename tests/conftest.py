@@ -1,6 +1,7 @@
 """Tokenizer fixtures: the reference tokenizer shipped with dashscope, ours on the
 same vocabulary, and a deterministic mixed-script corpus (also used by
-benchmarks/bench_tokenizer.py); and token shards in the `qianwen data prep` format."""
+benchmarks/bench_tokenizer.py); token shards in the `qianwen data prep` format;
+and the small chat model the serving tests talk to (tests/serving.py)."""
 
 from __future__ import annotations
 
@@ -189,6 +190,13 @@ def tok(vocab_file):
     from qianwen.tokenizer import Tokenizer
 
     return Tokenizer.from_file(vocab_file)
+
+
+@pytest.fixture(scope="session")
+def chat_model(tok, tmp_path_factory):
+    from serving import small_tokenizer, train_memorizer
+
+    return train_memorizer(small_tokenizer(tok), tmp_path_factory.mktemp("serve") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,10 @@ learned a few conversations (tests/serving.py), over loopback only."""
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
+import re
+import sys
 import time
 
 import httpx
@@ -21,20 +24,15 @@ from serving import (
     PRODUCT,
     THOUGHT,
     TOOL_QUESTION,
+    free_port,
     running_server,
-    small_tokenizer,
-    train_memorizer,
 )
 
 import qianwen
+from qianwen.cli import main
 from qianwen.config import ModelConfig
 from qianwen.generate import generate
 from qianwen.model import Transformer
-
-
-@pytest.fixture(scope="session")
-def chat_model(tok, tmp_path_factory):
-    return train_memorizer(small_tokenizer(tok), tmp_path_factory.mktemp("serve") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +297,26 @@ def test_disconnected_client_frees_its_row_and_overload_is_429(slow_model, tok):
         assert health["running"] == 0 and health["cancelled"] == 1 and health["generated_tokens"] < 2000
         again = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 5})
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+
+
+def test_chat_command_talks_to_a_server(url, chat_model, capsys, monkeypatch):
+    lines = [HELLO, "/reset", COUNT, "word " * 3000, "/quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--url", url, "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{HELLO_REPLY}\n{COUNT_REPLY}\n"
+    assert re.findall(r"\[(\d+) prompt tokens", err)  # usage comes back from the server
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "context" in error  # the over-long message is refused and the chat goes on
+
+
+def test_chat_command_errors(chat_model, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    port = free_port()  # nothing listens there
+    assert main(["chat", "--url", f"http://127.0.0.1:{port}"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    assert main(["chat", "--url", "http://127.0.0.1:1", "--model", str(chat_model)]) == 2
+    assert main(["chat", "--url", "127.0.0.1:8000"]) == 2
+    assert main(["chat", "--url", "http://127.0.0.1:1", "--top-k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert [line.startswith("error: ") for line in err.splitlines()] == [True] * 3

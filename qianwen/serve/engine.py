@@ -158,9 +158,10 @@ class Engine:
             try:
                 self._drop_cancelled()
                 for jobs in admitted:
-                    jobs = [j for j in jobs if not j.cancelled]
-                    if jobs:
-                        self._prefill(jobs)
+                    live = [j for j in jobs if not j.cancelled]
+                    self.cancelled += len(jobs) - len(live)
+                    if live:
+                        self._prefill(live)
                 if self.active:
                     self._step()
             except Exception as exc:  # one failing batch must not take the server down

@@ -1,0 +1,131 @@
+"""The batching engine without HTTP: requests that join and leave a running batch, each row at its own position,
+decode exactly as `qianwen.generate` decodes them alone, with the long-context tricks on; seeds repeat; a
+cancelled request leaves; a full engine refuses."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from qianwen.config import ModelConfig
+from qianwen.generate import generate
+from qianwen.model import Transformer
+from qianwen.serve.engine import Engine, Overloaded, Params
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    # Short training length, so prompts past it switch dynamic NTK and LogN on; windows on one layer.
+    config = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        seq_length=32,
+        max_position_embeddings=256,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
+        attention_windows=[24, 256],
+    )
+    torch.manual_seed(0)
+    m = Transformer(config)
+    m.init_weights(0)
+    return m.eval()
+
+
+class Collector:
+    def __init__(self):
+        self.text: dict[tuple[int, int], str] = {}
+        self.finish: dict[tuple[int, int], str] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def __call__(self, tag):
+        def emit(job, event):
+            with self.lock:
+                key = (tag, job.index)
+                self.text[key] = self.text.get(key, "") + event.text
+                if event.finish_reason:
+                    self.finish[key] = event.finish_reason
+                    self.done.notify_all()
+
+        return emit
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: len(self.finish) >= count, timeout)
+
+
+def test_joining_and_leaving_rows_decode_as_alone(model, tok):
+    prompts = [tok.encode(f"Request {i}: " + "lorem ipsum dolor " * (1 + 3 * (i % 5))) for i in range(12)]
+    lengths = [5 + 3 * i for i in range(12)]
+    engine = Engine(model, tok, max_batch=5, max_queue=100)
+    out = Collector()
+    try:
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            engine.submit(p, Params(max_tokens=n, temperature=0), 2 if i % 4 == 0 else 1, out(i))
+            time.sleep(0.005)  # arrivals spread over the decoding steps
+        out.wait(12 + 3)
+    finally:
+        engine.close()
+    assert max(len(p) for p in prompts) > 32  # some rows run past the training length (NTK, LogN, window)
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        alone = generate(model, tok, p, n)
+        for k in range(2 if i % 4 == 0 else 1):
+            assert out.text[(i, k)] == alone.text, (i, k)
+            assert out.finish[(i, k)] == alone.finish_reason
+
+
+def test_seeds_repeat_and_choices_differ(model, tok):
+    engine = Engine(model, tok, max_batch=4)
+    out = Collector()
+    try:
+        for tag in (0, 1):
+            engine.submit(tok.encode("Once upon a time"), Params(max_tokens=12, temperature=1.0, seed=3), 2, out(tag))
+        out.wait(4)
+    finally:
+        engine.close()
+    assert out.text[(0, 0)] == out.text[(1, 0)] and out.text[(0, 1)] == out.text[(1, 1)]
+    assert out.text[(0, 0)] != out.text[(0, 1)]
+
+
+def test_penalties_and_logit_bias(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    events = []
+    banned = tok.encode(" the")[0]
+    try:
+        params = Params(max_tokens=30, temperature=0, frequency_penalty=2.0, logprobs=2, logit_bias=((banned, -100.0),))
+        engine.submit(tok.encode("the the the the"), params, 1, lambda job, e: events.append(e))
+        deadline = time.monotonic() + 60
+        while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    tokens = [lp.token_id for e in events for lp in e.logprobs]
+    assert banned not in tokens
+    assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] for e in events for lp in e.logprobs)
+
+
+def test_cancel_and_overload(model, tok):
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    try:
+        stops = tuple((i, -100.0) for i in [*tok.chat_stop_ids, tok.eod_id])
+        never = Params(max_tokens=200, temperature=0, logit_bias=stops)  # runs 200 steps unless cancelled
+        (running,) = engine.submit(tok.encode("a"), never, 1, lambda job, e: None)
+        engine.submit(tok.encode("b"), never, 1, lambda job, e: None)  # queued
+        with pytest.raises(Overloaded):
+            engine.submit(tok.encode("c"), never, 1, lambda job, e: None)
+        running.cancel()
+        deadline = time.monotonic() + 30
+        while engine.load["cancelled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.load["cancelled"] == 1
+        with pytest.raises(ValueError, match="max-batch"):
+            engine.submit(tok.encode("d"), never, 2, lambda job, e: None)
+    finally:
+        engine.close()
