@@ -494,7 +494,7 @@ def _device(name: str):
 
 def eval_stage(ctx: Context) -> None:
     """Each model of the run scored by the harness; a model whose summary lacks a wanted task is scored again.
-    The chat tasks get their own sample limit: the agent answers one question at a time."""
+    The chat tasks have their own sample limit (the agent answers one question at a time), longctx none."""
     from qianwen.eval import harness, tasks
 
     settings, out = ctx.settings.eval, ctx.out
@@ -510,15 +510,22 @@ def eval_stage(ctx: Context) -> None:
         ctx.log(f"      scoring {stage}/ on {', '.join(wanted)}")
         model, tok = qianwen.load(out / stage, device=_device(settings.device))
         meta = {"model": str(out / stage), "limit": settings.limit, "options": mine}
+        limits = {n: _limit(settings, n, chat) for n in wanted}
         finished: list = []
-        for group, limit in ((False, settings.limit), (True, settings.chat_limit or settings.limit)):
-            subset = {n: m for n, m in modules.items() if (n in chat and stage != "base") == group}
-            if not subset:
-                continue
+        for limit in dict.fromkeys(limits.values()):
+            subset = {n: m for n, m in modules.items() if limits[n] == limit}
             options = harness.TaskOptions(out / "tasks", limit, settings.batch_size, ctx.settings.pretrain.seed)
             # Each write holds the groups scored before this one too, so the summary is never partial.
             write = lambda d, t=target, f=list(finished), m=meta: harness.write_outputs(t, f + d, m)
             finished += harness.run_tasks(model, tok, subset, options, mine, write)
+
+
+def _limit(settings, task: str, chat: set[str]) -> int | None:
+    if task == "longctx":
+        # The table scores the same span of text at every length (eval.longctx.tokens); a sample limit would
+        # cut the short lengths' windows and compare unlike spans.
+        return None
+    return settings.chat_limit or settings.limit if task in chat else settings.limit
 
 
 def _reads(modules: dict, key: str) -> bool:

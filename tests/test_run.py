@@ -132,6 +132,8 @@ def test_every_artefact_exists_and_loads(finished):
     scored = {m: set(json.loads((out / "eval" / f"{m}.json").read_text())["tasks"]) for m in ("base", "sft", "ppo")}
     assert scored == {"base": {"arith", "longctx"}, "sft": {"arith", "tool"}, "ppo": {"arith", "tool"}}
     assert (out / "eval" / "base.longctx.longctx.png").is_file()
+    windows = [json.loads(line) for line in (out / "eval" / "base.longctx.jsonl").read_text().splitlines()]
+    assert len({w["targets"] for w in windows}) == 1  # every length scores the same span, whatever eval.limit
     samples = json.loads((out / "samples.json").read_text())
     assert samples["base"]["prompt"] and samples["chat"]["model"] == "ppo"
     ledger = json.loads((out / "run.json").read_text())
