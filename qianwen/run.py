@@ -230,9 +230,9 @@ def check_artefact(key: str, value: str, source: Path) -> None:
         weights.close()
         Tokenizer.from_file(source)
     except (CheckpointError, TokenizerError) as exc:
-        detail = str(exc).rstrip(".")
+        detail = str(exc) if str(exc).endswith((".", "?")) else f"{exc}."
         kind = "tokenizer" if key == "tokenizer" else "model"
-        raise ValueError(f"{key}={value} is not a usable {kind}: {detail}.") from None
+        raise ValueError(f"{key}={value} is not a usable {kind}: {detail}") from None
     if key == "rm" and "score.weight" not in names:
         raise ValueError(
             f"rm={value} is a language model, not a reward model (it has no score.weight); give a `qianwen rm` "
