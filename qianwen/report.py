@@ -9,7 +9,6 @@ one list of blocks (report_render).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shutil
@@ -19,16 +18,10 @@ import time
 from pathlib import Path
 
 import qianwen
-from qianwen.report_render import Block, Bullets, Code, Heading, Paragraph, Table, markdown, page
+from qianwen.report_render import Block, Code, Heading, Paragraph, Table, markdown, page
 from qianwen.report_sections import Section, duration, read_json, sections, summary_of
 from qianwen.run import NAMES
 from qianwen.util import atomic_write
-
-# Parts of the recipe still to come: (name, the module that brings it, what it is).
-NOT_BUILT = [
-    ("serving", "qianwen.serve", "an OpenAI-compatible server with batching and a web chat page"),
-]
-
 
 # ---------------------------------------------------------------------------
 # Environment
@@ -123,9 +116,6 @@ def document(out: Path, plots: dict[str, str]) -> list[Block]:
         section = found[stage]
         blocks += [Heading(2, f"{i}. {stage}")]
         blocks += section.blocks if section else [Paragraph("Not run yet.")]
-    missing = [(name, what) for name, module, what in NOT_BUILT if importlib.util.find_spec(module) is None]
-    if missing:
-        blocks += [Heading(2, "Not built yet"), Bullets([f"**{name}**: {what}" for name, what in missing])]
     blocks += [Heading(2, "Use the result"), Code("\n".join(commands(out, found)), "sh")]
     return blocks
 

@@ -1,8 +1,8 @@
 """The report card's two renderings, Markdown and one self-contained HTML page, from the same list of blocks.
 
-A block is a heading, a paragraph, a table, an image, a code block or a bullet list. Text may hold `code` spans
-and **strong** words, the only inline markup the report uses, so neither renderer has to parse Markdown. The HTML page
-carries its images as base64 data URIs and its style inline: it opens anywhere, offline, as one file.
+A block is a heading, a paragraph, a table, an image or a code block. Text may hold `code` spans, the only inline
+markup the report uses, so neither renderer has to parse Markdown. The HTML page carries its images as base64
+data URIs and its style inline: it opens anywhere, offline, as one file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
-_STRONG = re.compile(r"\*\*(.+?)\*\*")
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
@@ -56,12 +55,7 @@ class Code:
     language: str = "text"
 
 
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-Block = Heading | Paragraph | Table | Image | Code | Bullets
+Block = Heading | Paragraph | Table | Image | Code
 
 
 def _fence(text: str) -> str:
@@ -88,16 +82,14 @@ def markdown(blocks: list[Block]) -> str:
             parts.append("\n".join(lines))
         elif isinstance(block, Image):
             parts.append(f"![{block.alt}]({block.path})")
-        elif isinstance(block, Code):
+        else:
             fence = _fence(block.text)
             parts.append(f"{fence}{block.language}\n{block.text.rstrip()}\n{fence}")
-        else:
-            parts.append("\n".join(f"- {item}" for item in block.items))
     return "\n\n".join(parts) + "\n"
 
 
 def _inline(text: str) -> str:
-    return _STRONG.sub(r"<b>\1</b>", _CODE_SPAN.sub(r"<code>\1</code>", html.escape(str(text))))
+    return _CODE_SPAN.sub(r"<code>\1</code>", html.escape(str(text)))
 
 
 def _numeric(text: str) -> bool:
@@ -130,10 +122,8 @@ def page(blocks: list[Block], root: Path, title: str) -> str:
                 body.append(f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(block.alt)}"></p>')
             else:
                 body.append(f"<p>[{html.escape(block.alt)}: {html.escape(block.path)} is missing]</p>")
-        elif isinstance(block, Code):
-            body.append(f"<pre><code>{html.escape(block.text.rstrip())}</code></pre>")
         else:
-            body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>")
+            body.append(f"<pre><code>{html.escape(block.text.rstrip())}</code></pre>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
