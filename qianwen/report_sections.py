@@ -224,7 +224,7 @@ def section_pretrain(out: Path, plots: dict[str, str]) -> Section | None:
     if meta.get("unigram_entropy"):
         summary += f" vs the data's unigram entropy {meta['unigram_entropy']:.3f}"
     config = qianwen.ModelConfig.from_dict(meta["model"])
-    tokens = last["tokens"] * _world(out, "pretrain")
+    tokens = last["tokens"]  # already counts every process
     rows = [
         ["parameters", f"{config.num_params:,}"],
         ["layers x hidden, heads", f"{config.num_layers} x {config.hidden_size}, {config.num_heads}"],
