@@ -57,6 +57,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # One wake-up of the event loop per decoding step, not one per request and token.
+        loop = asyncio.get_running_loop()
+        engine.deliver = lambda events: loop.call_soon_threadsafe(_fan_out, events)
         yield
         engine.close()
 
@@ -163,11 +166,8 @@ def create_app(
         )
 
     def submit(prompt: list[int], p: Params, n: int, queue: asyncio.Queue) -> list[Choice]:
-        loop = asyncio.get_running_loop()
         try:
-            jobs = engine.submit(
-                prompt, p, n, lambda job, event: loop.call_soon_threadsafe(queue.put_nowait, (job, event))
-            )
+            jobs = engine.submit(prompt, p, n, lambda job, event: queue.put_nowait((job, event)))
         except Overloaded as exc:
             raise APIError(429, f"the server is at capacity: {exc}", code="rate_limit_exceeded") from None
         return [Choice(job) for job in jobs]
@@ -311,6 +311,12 @@ def create_app(
     return app
 
 
+def _fan_out(events: list[tuple[Job, Event]]) -> None:
+    """On the event loop: each event to its request's queue (a job's `emit` puts it there)."""
+    for job, event in events:
+        job.emit(event)
+
+
 def _text_choice(index: int, text: str, logprobs=None, finish=None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -328,12 +334,15 @@ async def _events(
     by_job = {id(c.job): c for c in choices}
     try:
         while any(c.finish_reason is None and not c.job.cancelled for c in choices):
-            try:
-                job, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
+            if request is None:
+                job, event = await queue.get()
+            else:
+                try:
+                    job, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
             c = by_job[id(job)]
             if c.finish_reason is not None:
                 continue

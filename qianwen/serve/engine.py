@@ -64,6 +64,13 @@ class Job:
         self.generator = torch.Generator().manual_seed(seed)
         self.sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
         self.counts: collections.Counter[int] = collections.Counter()
+        self.bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            self.bias = torch.tensor(ids), torch.tensor(values)
+        # Greedy with nothing to adjust: the engine takes the argmax of the whole batch at once.
+        self.plain = params.temperature == 0 and params.logprobs is None and self.bias is None
+        self.plain = self.plain and not (params.presence_penalty or params.frequency_penalty)
         self.length = 0  # tokens in the cache row
         self.next_token = -1  # sampled, not yet fed to the model
         self.cancelled = False
@@ -81,7 +88,10 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_len: int | None = None,
+        deliver: Callable[[list[tuple[Job, Event]]], None] | None = None,
     ):
+        """`deliver`, when given, receives each step's events in one call (from the engine's thread), e.g. to hand
+        them to an event loop at once; without it, each job's `emit` is called for its own events."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -94,6 +104,8 @@ class Engine:
         self.device = self.cache.k.device
         self.active: list[Job] = []  # job i owns cache row i
         self.waiting: collections.deque[list[Job]] = collections.deque()
+        self.deliver = deliver
+        self._outbox: list[tuple[Job, Event]] = []
         self.steps = self.generated = self.cancelled = 0  # decoding steps, tokens sampled, jobs dropped unfinished
         self._cond = threading.Condition()
         self._closed = False
@@ -164,6 +176,7 @@ class Engine:
                         self._prefill(live)
                 if self.active:
                     self._step()
+                self._flush()
             except Exception as exc:  # one failing batch must not take the server down
                 traceback.print_exc()
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
@@ -199,26 +212,19 @@ class Engine:
         logits = self.model.decode_step(tokens, view, slots).float()
         self.cache.seen[: len(jobs)] += 1
         self.steps += 1
-        for job, row_logits in zip(list(jobs), logits, strict=True):
+        greedy = logits.argmax(-1).tolist() if any(j.plain for j in jobs) else None
+        for i, (job, row_logits) in enumerate(zip(list(jobs), logits, strict=True)):
             job.length += 1
-            self._advance(job, row_logits)
+            self._advance(job, row_logits, greedy[i] if job.plain else None)
         self._drop_finished()
 
-    def _advance(self, job: Job, logits: torch.Tensor) -> None:
-        """Pick the job's next token from its logits [V], hand its text over, and note whether it is done."""
+    def _advance(self, job: Job, logits: torch.Tensor, token: int | None = None) -> None:
+        """Pick the job's next token from its logits [V] (unless `token` is already picked), hand its text over,
+        and note whether it is done."""
         p = job.params
-        if p.logit_bias:
-            ids, bias = zip(*p.logit_bias, strict=True)
-            logits = logits.index_put(
-                (torch.tensor(ids, device=logits.device),),
-                torch.tensor(bias, dtype=logits.dtype, device=logits.device),
-                accumulate=True,
-            )
-        if job.counts and (p.presence_penalty or p.frequency_penalty):
-            ids = torch.tensor(list(job.counts), device=logits.device)
-            counts = torch.tensor(list(job.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.index_put((ids,), logits[ids] - p.presence_penalty - p.frequency_penalty * counts)
-        token = int(sample(logits[None], job.sampling, job.generator if p.temperature > 0 else None)[0])
+        if token is None:
+            logits = self._adjust(job, logits)
+            token = int(sample(logits[None], job.sampling, job.generator if p.temperature > 0 else None)[0])
         logprobs = []
         if p.logprobs is not None and token not in job.output.stop_ids:
             lp = logits.log_softmax(-1)
@@ -231,7 +237,30 @@ class Engine:
         text = job.output.add(token)
         if not job.output.done and len(job.output.ids) >= p.max_tokens:
             text += job.output.finish("length")
-        job.emit(Event(text, logprobs, job.output.finish_reason if job.output.done else None))
+        self._outbox.append((job, Event(text, logprobs, job.output.finish_reason if job.output.done else None)))
+
+    @staticmethod
+    def _adjust(job: Job, logits: torch.Tensor) -> torch.Tensor:
+        """The job's logit bias and presence/frequency penalties applied (OpenAI's definitions)."""
+        p = job.params
+        if job.bias is not None:
+            ids, values = (t.to(logits.device) for t in job.bias)
+            logits = logits.index_put((ids,), values.to(logits.dtype), accumulate=True)
+        if job.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(job.counts), device=logits.device)
+            counts = torch.tensor(list(job.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_put((ids,), logits[ids] - p.presence_penalty - p.frequency_penalty * counts)
+        return logits
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        if self.deliver is not None:
+            self.deliver(outbox)
+        else:
+            for job, event in outbox:
+                job.emit(event)
 
     def _drop_finished(self) -> None:
         self._remove(self._gone)

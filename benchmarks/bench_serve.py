@@ -1,0 +1,208 @@
+"""Serving throughput: `qianwen serve` against `transformers serve` (the OpenAI-compatible server in the
+transformers package) on the same exported model, same machine, same prompts. For 1, 4 and 16 concurrent
+clients, each client streams --requests chat completions one after another (greedy, --max-tokens each, end of
+text banned with logit_bias where the server honours it so every reply has the same length); measured:
+aggregate generated tokens/s and the median time to the first token. Both servers run as separate processes
+on 127.0.0.1, one at a time, with the same torch thread count. Goals: >= 2x transformers at 16 clients, and
+our 16-client aggregate >= 4x our single-client rate.
+
+    python -m benchmarks.bench_serve [--model tiny-10m] [--max-tokens 64] [--requests 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import qianwen
+from benchmarks.common import write_result
+from qianwen.config import preset
+from qianwen.model import Transformer
+from qianwen.tokenizer import Tokenizer, qwen_vocabulary
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a hash table works.",
+    "List five uses of the Python standard library's itertools module.",
+    "What is the capital of France, and why is it famous?",
+    "Describe the water cycle to a child.",
+    "Give three tips for writing readable code.",
+    "Summarise the plot of a detective novel you invent.",
+    "How do transformers use attention?",
+]
+
+
+def export_model(out: Path, name: str) -> Path:
+    """Random weights in `name`'s shape with Qwen's first 8,192 merges as the vocabulary: the HF files both
+    servers read."""
+    full = Tokenizer.from_file(qwen_vocabulary())
+    tok = Tokenizer({b: r for b, r in full.ranks.items() if r < 8192 - 208})
+    torch.manual_seed(0)
+    model = Transformer(preset(name, vocab_size=tok.vocab_size))
+    model.init_weights(0)
+    qianwen.save(model, tok, out)
+    return out
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no server at {url} after {timeout} s")
+
+
+def one_request(url: str, model: str, prompt: str, max_tokens: int, bias: dict) -> tuple[float, int, float]:
+    """(seconds to the first token, tokens generated, seconds in all) for one streamed chat completion."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if bias:
+        body["logit_bias"] = bias
+    start = time.perf_counter()
+    first, tokens, chunks = None, None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        # The client shares the machine's cores with the server: it parses only the chunk that carries usage.
+        for line in response.iter_lines():
+            if '"content":' in line and '"content":""' not in line.replace(" ", ""):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+            if '"completion_tokens"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    total = time.perf_counter() - start
+    return first if first is not None else total, tokens if tokens is not None else chunks, total
+
+
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int, bias: dict) -> dict:
+    def client(k: int) -> list[tuple[float, int, float]]:
+        return [one_request(url, model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens, bias) for r in range(requests)]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - start
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_median_s": round(statistics.median(r[0] for r in results), 3),
+    }
+
+
+def serve(command: list[str], url: str, env: dict, log: Path):
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, process)
+    except RuntimeError:
+        process.kill()
+        raise RuntimeError(f"{command[0]} did not start: {log.read_text()[-2000:]}") from None
+    return process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-10m", help="model preset (random weights)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--servers", default="qianwen,transformers,transformers-cb")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    try:
+        model_dir = export_model(workdir / "model", args.model)
+        _, tok = qianwen.load(model_dir)
+        bias = {str(i): -100.0 for i in [*tok.chat_stop_ids, tok.eod_id]}  # floats: transformers rejects ints
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        bin_dir = Path(sys.executable).parent
+        servers = {
+            "qianwen": (
+                [str(bin_dir / "qianwen"), "serve", "--model", str(model_dir), "--port", "8931",
+                 "--served-name", "m", "--max-batch", str(max(levels))],
+                "http://127.0.0.1:8931",
+                "m",
+            ),
+            # transformers serves each request with its own generate() call by default, or with its paged
+            # continuous-batching manager; both are measured and the faster one is the peer.
+            "transformers": (
+                [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8932", "--host", "127.0.0.1",
+                 "--device", "cpu"],
+                "http://127.0.0.1:8932",
+                str(model_dir),
+            ),
+            "transformers-cb": (
+                [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8933", "--host", "127.0.0.1",
+                 "--device", "cpu", "--continuous-batching"],
+                "http://127.0.0.1:8933",
+                str(model_dir),
+            ),
+        }  # fmt: skip
+        rows = []
+        for name in args.servers.split(","):
+            command, url, served = servers[name]
+            log = workdir / f"{name}.log"
+            process = serve(command, url, env, log)
+            try:
+                one_request(url, served, PROMPTS[0], 8, bias)  # warm-up
+                for clients in levels:
+                    row = {"server": name, **load(url, served, clients, args.requests, args.max_tokens, bias)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            except httpx.HTTPError:
+                print(log.read_text()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    by = {(r["server"], r["clients"]): r for r in rows}
+    top = max(levels)
+    peer = max((r for r in rows if r["server"] != "qianwen" and r["clients"] == top), key=lambda r: r["tokens_per_s"])
+    ratio = by[("qianwen", top)]["tokens_per_s"] / peer["tokens_per_s"]
+    scaling = by[("qianwen", top)]["tokens_per_s"] / by[("qianwen", min(levels))]["tokens_per_s"]
+    print(
+        f"{top} clients: qianwen {ratio:.2f}x transformers serve; qianwen {top} vs {min(levels)} client(s): {scaling:.2f}x"
+    )
+    command = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+    notes = (
+        f"{args.model} with random weights and an 8,192-id vocabulary; greedy, {args.max_tokens} tokens per reply, "
+        f"{args.requests} requests per client; {top}-client ratio {ratio:.2f}x against the faster peer mode "
+        f"({peer['server']}), our scaling {scaling:.2f}x."
+    )
+    write_result("serve", rows, command.strip(), notes)
+
+
+if __name__ == "__main__":
+    main()
