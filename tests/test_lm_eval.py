@@ -196,6 +196,46 @@ def test_loglikelihood_is_the_model_own_probability(setup):
     assert got[3] == got[0]  # a context's trailing space moves to the continuation, as lm-eval does
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_contexts_score_as_separate_passes(setup, batch_size):
+    """Options of one question share a pass over its context (its KV cache copied to each option): each still
+    scores as the request alone, whatever the batch size, with continuations of different lengths, contexts
+    cut to the window, repeated requests and options that begin alike; a model with dynamic NTK scores each
+    request alone."""
+    from lm_eval.api.instance import Instance
+
+    model_dir, _ = setup
+    lm = QianwenLM(str(model_dir), device="cpu", dtype="float32", batch_size=batch_size)
+    tok = lm.tokenizer
+    question = "Question: How much is two plus two?\nAnswer:"
+    long_context = "The story so far. " * 40
+    options = [" four", " twenty two", " 4", " a number between three and five, both excluded", " four", " 12"]
+    options += [" 13", " four hundred", " 4 or 5"]  # options that begin alike, or with another option
+    requests = [(question, o) for o in options] + [(long_context, o) for o in options[:3]]
+    requests += [("中文的问题是什么？", "没有"), ("中文的问题是什么？", "有一个问题")]
+    assert len(tok.encode(long_context)) > 128  # cut to the window, differently for each option
+
+    def alone(context: str, continuation: str) -> tuple[float, bool]:
+        spaces = len(context) - len(context.rstrip())  # a trailing space moves to the continuation, as in lm-eval
+        context, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + continuation
+        ctx, whole = tok.encode(context), tok.encode(context + continuation)
+        cont = whole[len(ctx) :]
+        ids = torch.tensor([whole[-129:]])
+        with torch.no_grad():
+            logprobs = lm.model(ids[:, :-1]).double().log_softmax(-1)[0, -len(cont) :]
+        target = torch.tensor(cont)
+        return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+    instances = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(requests)]
+    for ntk in (False, True):
+        lm.model.config.use_dynamic_ntk = ntk  # the long inputs pass the 64-token training length: alpha > 1
+        expected = [alone(*r) for r in requests]
+        got = lm.loglikelihood(instances, disable_tqdm=True)
+        for (ll, greedy), (ll_alone, greedy_alone) in zip(got, expected, strict=True):
+            assert ll == pytest.approx(ll_alone, abs=1e-4) and greedy == greedy_alone
+        assert got[0] == got[4]
+
+
 def test_qianwen_eval_harness_lm_eval_writes_results(setup, tmp_path, capsys):
     from qianwen.cli import main
 

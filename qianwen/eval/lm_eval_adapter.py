@@ -10,14 +10,18 @@ lm-eval`.
 Requests are scored the way lm-eval's own `hf` backend scores them, so the numbers agree with it: the same
 tokenisation of (context, continuation) pairs, the same left truncation to the model's window, the same rolling
 windows for perplexity, and <|endoftext|> as the context of an empty prompt. What differs is the work done:
-requests are sorted by length and batched (right-padded), the output head runs only at the positions being
-scored rather than over every position of the batch (with Qwen's 152k vocabulary most of the cost), and
-generation decodes with the KV cache through `qianwen.generate`, left-padded, stopping at the task's `until`
-strings or max_gen_toks.
+
+- requests that share a context (a multiple-choice question's options) run it once: its KV cache is copied to
+  each option, and only the options run after it; options that begin alike (" 12", " 13") share those tokens;
+- the output head and softmax run only at the distinct positions being scored, rather than over every position
+  of the batch (with Qwen's 152k vocabulary most of the cost);
+- requests are sorted by length and batched; generation decodes with the KV cache through `qianwen.generate`,
+  left-padded, stopping at the task's `until` strings or max_gen_toks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -33,6 +37,7 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import qianwen
+from qianwen.model import KVCache
 from qianwen.tokenizer import CHAT_TEMPLATE
 from qianwen.util import atomic_write
 
@@ -111,58 +116,145 @@ class QianwenLM(TemplateLM):
     # -- scoring ---------------------------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities, greedy?) of each continuation. Requests that differ only in a last
-        one-token continuation share one forward pass, as in lm-eval's `hf` backend."""
-        order = Collator(
-            requests,
-            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
-            group_by="contexts",
-            group_fn=lambda r: r[1] + r[2][:-1],
-        )
-        results = []
+        """(sum of log-probabilities, greedy?) of each continuation. Requests with the same context (the options
+        of a multiple-choice question) share one pass over it: the context runs once, its KV cache is copied to
+        each continuation, and only the continuations run after it."""
+        inputs = [self._input(context, continuation) for _, context, continuation in requests]
+        # Dynamic NTK fixes each row's rotary base from its length at prefill, so a context run alone would not
+        # see the base that the whole request sees; such a model scores each request in one pass.
+        share = not self.model.config.use_dynamic_ntk
+        groups: dict[tuple[int, ...] | int, tuple[int, list[int]]] = {}
+        for i, ((_, _, continuation), ids) in enumerate(zip(requests, inputs)):
+            cut = len(ids) - len(continuation) + 1
+            groups.setdefault(tuple(ids[:cut]) if share else i, (cut, []))[1].append(i)
+        units = [
+            (cut, members[j : j + self.batch_size])
+            for cut, members in groups.values()
+            for j in range(0, len(members), self.batch_size)
+        ]
+        units.sort(key=lambda u: (-max(len(inputs[m]) for m in u[1]), u[1][0]))  # longest first, as lm-eval does
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="qianwen loglikelihood", file=sys.stderr)
-        for chunk in order.get_batched(n=self.batch_size):
-            for (strings, context, continuation), logprobs in zip(chunk, self._continuation_logprobs(chunk)):
-                greedy_ids = logprobs.argmax(-1)
-                for strings_, cont, lp in order.get_cache(
-                    req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs[None]
-                ):
-                    cont = torch.tensor(cont, device=lp.device)
-                    answer = (
-                        float(lp[0, -len(cont) :].gather(-1, cont[:, None]).sum()),
-                        bool((greedy_ids[-len(cont) :] == cont).all()),
-                    )
-                    results.append(answer)
-                    if strings_ is not None:
-                        self.cache_hook.add_partial("loglikelihood", strings_, answer)
-                    bar.update(1)
+        batch: list[tuple[int, list[int]]] = []
+        for k, unit in enumerate(units):
+            batch.append(unit)
+            rows = sum(len(m) for _, m in batch)
+            if k + 1 < len(units) and rows + len(units[k + 1][1]) <= self.batch_size:
+                continue
+            members = [m for _, ms in batch for m in ms]
+            targets = [requests[m][2] for m in members]
+            for m, answer in zip(members, self._score(batch, [inputs[m] for m in members], targets)):
+                results[m] = answer
+                if requests[m][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[m][0], answer)
+            bar.update(len(members))
+            batch = []
         bar.close()
-        return order.get_original(results)
+        return results  # type: ignore[return-value]
+
+    def _input(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The ids the model reads for one request: the last token is only ever a target, and what does not fit
+        the window is dropped from the left."""
+        if not continuation or len(continuation) > self.max_length:
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_length}-token "
+                "window; the task's continuations must be non-empty and fit max_length."
+            )
+        return (context + continuation)[-(self.max_length + 1) :][:-1]
 
     @torch.inference_mode()
-    def _continuation_logprobs(self, chunk: Sequence[Request]) -> list[torch.Tensor]:
-        """Log-probabilities [continuation length, vocab] at each request's continuation positions."""
-        inputs, scored = [], []
-        for _, context, continuation in chunk:
-            if not continuation or len(continuation) > self.max_length:
-                raise ValueError(
-                    f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_length}-token "
-                    "window; the task's continuations must be non-empty and fit max_length."
-                )
-            # The last token is only ever a target; what does not fit the window is dropped from the left.
-            ids = (context + continuation)[-(self.max_length + 1) :][:-1]
-            inputs.append(ids)
-            scored.append(range(len(ids) - len(continuation), len(ids)))
+    def _score(
+        self, units: Sequence[tuple[int, list[int]]], inputs: list[list[int]], targets: list[list[int]]
+    ) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy?) of each member of `units` ((prefix length, members): members share the first
+        prefix-length ids of their inputs), given the members' inputs and continuations in order."""
+        if any(len(m) > 1 for _, m in units):
+            hidden, where = self._shared_hidden(units, inputs)
+        else:
+            hidden = self._plain_hidden(inputs, [len(t) for t in targets])
+            where = torch.arange(hidden.shape[0], device=hidden.device)
+        # The output head and the softmax over the 152k vocabulary are most of the cost: each runs once per
+        # distinct position. log_softmax subtracts the max first, which keeps fp32 as exact as the hf backend.
+        logprobs = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+        flat = torch.tensor([t for ts in targets for t in ts], device=logprobs.device)
+        picked = logprobs[where, flat]
+        # A max is a fifth of an argmax's time on a CPU; argmax runs only where the target reaches the max, so
+        # that a tie goes to the first maximum, as in the hf backend's greedy check.
+        greedy = picked == logprobs.amax(-1)[where]
+        tied = greedy.nonzero()[:, 0]
+        greedy[tied] = logprobs[where[tied]].argmax(-1) == flat[tied]
+        sizes = [len(t) for t in targets]
+        return [
+            (float(lp.sum()), bool(g.all())) for lp, g in zip(picked.split(sizes), greedy.split(sizes), strict=True)
+        ]
+
+    def _plain_hidden(self, inputs: list[list[int]], scored: list[int]) -> torch.Tensor:
+        """Hidden states at the last `scored[i]` positions of each input, each input in its own row."""
         width = max(map(len, inputs))
         batch = torch.full((len(inputs), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
         for row, ids in enumerate(inputs):
             batch[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
         # Right padding needs no attention mask: in a causal model a real token never attends to a later one.
-        hidden = self.model.hidden_states(batch.to(self.device))
-        rows = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scored)]).to(self.device)
-        columns = torch.cat([torch.tensor(r) for r in scored]).to(self.device)
-        logprobs = F.log_softmax(self.model.lm_head(hidden[rows, columns]).float(), dim=-1)
-        return list(logprobs.split([len(r) for r in scored]))
+        # Dynamic NTK does: without it each row's rotary base would follow the padded width, not its length.
+        mask = mask.to(self.device) if self.model.config.use_dynamic_ntk else None
+        hidden = self.model.hidden_states(batch.to(self.device), mask)
+        rows = torch.cat([torch.full((n,), i) for i, n in enumerate(scored)])
+        columns = torch.cat([torch.arange(len(ids) - n, len(ids)) for ids, n in zip(inputs, scored)])
+        return hidden[rows.to(self.device), columns.to(self.device)]
+
+    def _shared_hidden(
+        self, units: Sequence[tuple[int, list[int]]], inputs: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states at the distinct scored positions of the members, and for each member's each scored
+        position (in order) its index among them. Each unit's prefix runs once (left-padded, into a KV cache);
+        then, on a copy of its prefix's cache, each distinct tail (the continuation but its last token) that is
+        not the start of a longer one (right-padded). Options that begin alike (" 12", " 13") share positions."""
+        rows: list[tuple[int, tuple[int, ...]]] = []  # (unit, tail) run after the unit's prefix
+        row_of: list[int] = []
+        for g, (cut, members) in enumerate(units):
+            tails = [tuple(inputs[len(row_of) + i][cut:]) for i in range(len(members))]
+            mine: list[int] = []
+            for tail in sorted(set(tails), key=len, reverse=True):
+                if not any(rows[r][1][: len(tail)] == tail for r in mine):
+                    mine.append(len(rows))
+                    rows.append((g, tail))
+            row_of += [next(r for r in mine if rows[r][1][: len(t)] == t) for t in tails]
+        # Column 0 of a row is its prefix's last position; column j the tail's j-th token.
+        positions: dict[tuple[int, tuple[int, ...]], int] = {}
+        where, gather = [], []
+        for r, ids in zip(row_of, inputs):
+            g, tail = rows[r]
+            for j in range(len(ids) - units[g][0] + 1):
+                key = (g, tail[:j])
+                if key not in positions:
+                    positions[key] = len(gather)
+                    gather.append((r, j))
+                where.append(positions[key])
+
+        first = [sum(len(m) for _, m in units[:g]) for g in range(len(units))]  # a member of each unit
+        prefixes = [inputs[first[g]][:cut] for g, (cut, _) in enumerate(units)]
+        width, tail_width = max(map(len, prefixes)), max(len(t) for _, t in rows)
+        ids = torch.full((len(prefixes), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            ids[row, width - len(prefix) :] = torch.tensor(prefix)
+            mask[row, width - len(prefix) :] = 1
+        cache = self.model.new_cache(len(prefixes), width + tail_width) if tail_width else None
+        last = self.model.hidden_states(ids.to(self.device), mask.to(self.device), cache)[:, -1]
+        index = torch.tensor([g for g, _ in rows], device=self.device)
+        hidden = last[index][:, None]
+        if tail_width:
+            ids = torch.full((len(rows), tail_width), self.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), tail_width), dtype=torch.long)
+            for row, (_, tail) in enumerate(rows):
+                ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                mask[row, : len(tail)] = 1
+            tails = self.model.hidden_states(ids.to(self.device), mask.to(self.device), _select_rows(cache, index))
+            hidden = torch.cat([hidden, tails], dim=1)
+        r, j = torch.tensor(gather).T.to(self.device)
+        return hidden[r, j], torch.tensor(where, device=self.device)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents, in disjoint windows of max_length that each predict new tokens
@@ -230,6 +322,16 @@ class QianwenLM(TemplateLM):
                 bar.update(1)
         bar.close()
         return order.get_original(results)
+
+
+def _select_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """A cache whose row i is a copy of `cache`'s row index[i] (one prefix's keys and values for each member)."""
+    out = copy.copy(cache)
+    out.k, out.v = cache.k.index_select(1, index), cache.v.index_select(1, index)
+    out.seen = cache.seen.index_select(0, index)
+    out.valid = cache.valid.index_select(0, index) if cache.valid is not None else None
+    out.alpha = cache.alpha.index_select(0, index) if cache.alpha is not None else None
+    return out
 
 
 def run_harness(args) -> int:
