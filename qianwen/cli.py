@@ -485,7 +485,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     from qianwen.train.ppo import load_config, ppo
 
     config = load_config(args.recipe, args.overrides)
-    return _train(lambda: ppo(config))
+    return _train(lambda: ppo(config, resume=args.resume))
 
 
 # ---------------------------------------------------------------------------
@@ -726,8 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         description = f"Settings come from the recipe's {sections}; KEY=VALUE overrides follow the recipe."
         p = commands.add_parser(name, help=summary, description=description)
         p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
-        if name != "ppo":  # PPO has no checkpoints yet
-            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         p.set_defaults(func=func)
 

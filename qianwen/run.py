@@ -70,7 +70,7 @@ STAGES = (
         ("rm-pmp", "rm", "checkpoints/rm-pmp", "checkpoints/rm", "metrics/rm-pmp.jsonl", "metrics/rm.jsonl"),
         ("sft", "tasks"),
     ),
-    Stage("ppo", ("ppo", "metrics/ppo.jsonl"), ("sft", "rm", "tasks")),
+    Stage("ppo", ("ppo", "checkpoints/ppo", "metrics/ppo.jsonl"), ("sft", "rm", "tasks")),
     Stage("eval", ("eval",), ("pretrain", "sft", "ppo", "tasks", "data")),
     Stage("sample", (SAMPLES,), ("pretrain",), ("sft", "ppo")),
     Stage("report", ("report.md", "report.html", *PLOTS)),
@@ -481,7 +481,7 @@ def ppo_stage(ctx: Context) -> None:
             f"{ctx.out / 'rm'} reads another vocabulary than the policy {ctx.out / 'sft'}; PPO scores the policy's "
             "tokens with the reward model, so redo the reward model from this policy (--from rm)."
         )
-    ppo(ctx.settings.ppo)
+    ppo(ctx.settings.ppo, resume=(ctx.out / "checkpoints" / "ppo" / "latest").is_file())
 
 
 def _device(name: str):

@@ -91,3 +91,34 @@ def test_cli_errors_are_one_line(setup, capsys):
     assert "ppo.reward_model is not set" in capsys.readouterr().err
     assert main(["ppo", *settings(setup, "d", "kl_estimator=k2")]) == 2
     assert "kl_estimator must be k1 or k3" in capsys.readouterr().err
+
+
+def test_resume_repeats_the_uninterrupted_run(setup):
+    common = ("steps=4", "save_every=2", "value_warmup_steps=1", "lr=3e-3", "value_lr=1e-3")
+    straight = ppo(load_config(None, settings(setup, "straight", *common)), reward_fn=ascii_share)
+
+    calls = 0
+
+    def crashes_in_step_3(prompt: str, reply: str, ended: bool) -> float:
+        nonlocal calls
+        calls += 1
+        if calls > 2 * 16:  # 8 prompts x 2 samples a step: the third step's rollout
+            raise KeyboardInterrupt
+        return ascii_share(prompt, reply, ended)
+
+    config = load_config(None, settings(setup, "resumed", *common))
+    with pytest.raises(KeyboardInterrupt):
+        ppo(config, reward_fn=crashes_in_step_3)
+    with pytest.raises(ValueError, match="--resume"):
+        ppo(config, reward_fn=ascii_share)
+    resumed = ppo(config, reward_fn=ascii_share, resume=True)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    a, _ = qianwen.load(setup / "straight" / "ppo")
+    b, _ = qianwen.load(setup / "resumed" / "ppo")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    lines = (setup / "resumed" / "metrics" / "ppo.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]

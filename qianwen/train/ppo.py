@@ -11,13 +11,18 @@ The policy and a frozen reference start from the SFT model; the value model star
      AdamW optimisers; for the first `value_warmup_steps` steps only the value model learns; with
      `ptx_coef` > 0, the pretraining loss on shards of `ptx_data` is added to the policy's (PPO-ptx).
 Metrics per step go to `<out>/metrics/ppo.jsonl`; the policy is written to `<out>/ppo/` as a HF directory.
-One process; checkpoint/resume and FSDP for PPO are not built yet.
+Every `save_every` steps the four models' trainable state (policy, value, both optimisers, the random streams
+and the metrics so far) goes to `<out>/checkpoints/ppo/step-N`; `resume` continues from the newest, and since
+each step's sampling is seeded by its number, a resumed run repeats the uninterrupted one. One process: PPO is
+not sharded with FSDP yet.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +36,7 @@ import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import generate
 from qianwen.train.data import TokenShards, WindowSampler
-from qianwen.train.loop import TrainingError, hf_export, init_runtime, write_model_dir
+from qianwen.train.loop import TrainingError, _rng_state, _set_rng_state, hf_export, init_runtime, write_model_dir
 from qianwen.train.ppo_math import gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 from qianwen.train.reward import RewardModel, load_reward_model
 from qianwen.util import atomic_write
@@ -66,6 +71,7 @@ class PPOConfig:
     ptx_coef: float = 0.0
     ptx_data: str = ""  # `qianwen data prep` shards for PPO-ptx
     grad_clip: float = 1.0
+    save_every: int = 0  # steps between checkpoints (0: none)
     seed: int = 0
     device: str = "auto"
 
@@ -87,6 +93,8 @@ class PPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be 0 (no checkpoints) or more, got {self.save_every}.")
 
 
 def load_config(recipe_path: str | None, overrides: list[str]) -> PPOConfig:
@@ -285,22 +293,79 @@ class PPO:
         logits = self.policy(tokens[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
+    # -- checkpoints ------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.config.out) / "checkpoints" / "ppo"
+
+    def latest(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.checkpoints / pointer.read_text().strip()
+        return path if (path / "state.pt").is_file() else None
+
+    def save(self, step: int, history: list[dict]) -> Path:
+        """The state after `step` steps, written whole (a `.tmp` directory renamed) before `latest` points at it."""
+        name = f"step-{step:07d}"
+        final, tmp = self.checkpoints / name, self.checkpoints / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {
+            "step": step,
+            "history": history,
+            "policy": self.policy.state_dict(),
+            "value": self.value.state_dict(),
+            "policy_opt": self.policy_opt.state_dict(),
+            "value_opt": self.value_opt.state_dict(),
+            "rng": _rng_state(),
+        }
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(self.checkpoints / "latest", name)
+        for old in self.checkpoints.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)  # one checkpoint is enough to resume; they are large
+        return final
+
+    def resume(self) -> tuple[int, list[dict]]:
+        path = self.latest()
+        state = torch.load(path / "state.pt", map_location=self.runtime.device, weights_only=False)
+        self.policy.load_state_dict(state["policy"])
+        self.value.load_state_dict(state["value"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.value_opt.load_state_dict(state["value_opt"])
+        _set_rng_state(state["rng"])
+        print(f"ppo: resumed from {path} (step {state['step']})")
+        return state["step"], state["history"]
+
     # -- the run ----------------------------------------------------------------
 
-    def run(self) -> list[dict]:
-        torch.manual_seed(self.config.seed)
+    def run(self, resume: bool = False) -> list[dict]:
+        config = self.config
+        if self.latest() is not None and not resume:
+            raise ValueError(
+                f"{self.checkpoints} already holds checkpoints; pass --resume to continue, or another out=."
+            )
+        start, history = (0, []) if self.latest() is None else self.resume()
+        if start == 0:
+            torch.manual_seed(config.seed)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        history = []
         with open(self.metrics_path, "w", encoding="utf-8") as log:
-            for step in range(self.config.steps):
+            log.writelines(json.dumps(record) + "\n" for record in history)
+            for step in range(start, config.steps):
                 record = self.step(step)
                 history.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(
-                    f"ppo step {record['step']}/{self.config.steps}: reward {record['reward']:.3f} "
+                    f"ppo step {record['step']}/{config.steps}: reward {record['reward']:.3f} "
                     f"kl {record['kl']:.3f} length {record['response_length']:.1f} ended {record['ended_fraction']:.2f}"
                 )
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+                    self.save(step + 1, history)
         out = Path(self.config.out) / "ppo"
         metadata = {"stage": "ppo", "config": asdict(self.config), "final": history[-1]}
         state = {f"model.{k}": v.detach().cpu() for k, v in self.policy.state_dict().items()}
@@ -310,5 +375,5 @@ class PPO:
         return history
 
 
-def ppo(config: PPOConfig, reward_fn: RewardFn | None = None) -> list[dict]:
-    return PPO(config, reward_fn).run()
+def ppo(config: PPOConfig, reward_fn: RewardFn | None = None, resume: bool = False) -> list[dict]:
+    return PPO(config, reward_fn).run(resume)
