@@ -351,7 +351,8 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     from qianwen.data.synthetic import SandboxError, make_all, summary
 
     # Options left out are absent (argparse.SUPPRESS), so make_all's defaults are the only ones.
-    given = {k: v for k, v in vars(args).items() if k in ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip")}
+    names = ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip", "corpus")
+    given = {k: v for k, v in vars(args).items() if k in names}
     start = perf_counter()
     try:
         manifest = make_all(args.out, **given)
@@ -676,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppo", type=int, metavar="N", help="PPO prompts (default 1000)")
     p.add_argument("--eval", type=int, dest="eval_size", metavar="N", help="records per held-out file (default 200)")
     p.add_argument("--flip", type=float, metavar="F", help="fraction of PMP labels swapped (default 0.1)")
+    p.add_argument(
+        "--corpus", type=int, metavar="N", help="examples written as pretraining text to OUT/corpus/ (default 0)"
+    )
     p.set_defaults(func=cmd_data_synthetic)
 
     p = commands.add_parser(

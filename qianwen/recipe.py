@@ -39,6 +39,7 @@ class TaskSettings:
     ppo: int = 1000
     eval_size: int = 200
     flip: float = 0.1
+    corpus: int = 0  # examples also written as pretraining text, read beside the [data] inputs
 
 
 @dataclass
@@ -75,6 +76,15 @@ class Settings:
     rm: object
     ppo: object
     eval: EvalSettings
+
+    def corpus(self, out: Path) -> list[str]:
+        """What the tokenizer and data prep read: data.inputs (the standard library when none), plus the
+        synthetic tasks' pretraining text when tasks.corpus > 0."""
+        if not self.tasks.corpus:
+            return self.data_inputs
+        from qianwen.util import STDLIB
+
+        return [*(self.data_inputs or [STDLIB]), str(out / "tasks" / "corpus")]
 
 
 def recipe_path(name: str) -> Path:

@@ -1,6 +1,6 @@
 """`qianwen run`: the recipe end to end, stage by stage, into one run directory.
 
-Stages meet through files in the run directory (DESIGN.md): tokenizer/ -> data/ -> base/ -> tasks/ -> sft/ ->
+Stages meet through files in the run directory (DESIGN.md): tasks/ -> tokenizer/ -> data/ -> base/ -> sft/ ->
 rm/ -> ppo/ -> eval/ -> samples.json -> report.md + report.html. A stage whose outputs are complete is skipped on a
 re-run, and an interrupted pretraining, SFT or reward model resumes from its newest checkpoint. `start` (the
 command's --from) redoes one stage and every later one; `only` (--only) redoes one stage alone and then renders the
@@ -60,10 +60,10 @@ class Stage:
 
 
 STAGES = (
-    Stage("tokenizer", ("tokenizer",)),
-    Stage("data", ("data",), ("tokenizer",)),
+    Stage("tasks", ("tasks",)),  # first: with tasks.corpus, the tokenizer and pretraining read some of them too
+    Stage("tokenizer", ("tokenizer",), (), ("tasks",)),
+    Stage("data", ("data",), ("tokenizer",), ("tasks",)),
     Stage("pretrain", ("base", "checkpoints/pretrain", "metrics/pretrain.jsonl"), ("data",)),
-    Stage("tasks", ("tasks",)),
     Stage("sft", ("sft", "checkpoints/sft", "metrics/sft.jsonl"), ("pretrain", "tasks")),
     Stage(
         "rm",
@@ -413,7 +413,7 @@ def tokenizer_stage(ctx: Context) -> None:
     artefact = ctx.artefacts.get("tokenizer")
     if artefact is None:
         s = ctx.settings.tokenizer
-        inputs = s.inputs or ctx.settings.data_inputs
+        inputs = s.inputs or ctx.settings.corpus(ctx.out)
         train(inputs, s.vocab_size, directory, max_bytes=s.max_bytes or None, force=True, log=_indent(ctx.log))
         return
     tok = Tokenizer.from_file(artefact.source)
@@ -431,7 +431,7 @@ def data_stage(ctx: Context) -> None:
 
     directory = ctx.out / "data"
     begin = time.perf_counter()
-    stats = prep(ctx.settings.data_inputs, ctx.out / "tokenizer", directory, ctx.settings.prep)
+    stats = prep(ctx.settings.corpus(ctx.out), ctx.out / "tokenizer", directory, ctx.settings.prep)
     for line in summary(stats, directory, time.perf_counter() - begin).splitlines():
         ctx.log(f"      {line}")
 

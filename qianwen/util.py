@@ -37,13 +37,19 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
+STDLIB = "stdlib"  # an input that names the standard library's sources, beside paths
+
+
 def list_files(inputs: Sequence[str | os.PathLike], suffixes: Sequence[str] = ()) -> list[Path]:
-    """Every file the inputs name, each once, directories walked in sorted order (hidden entries skipped).
-    `suffixes`, if given, limits the files found in directories; files named directly are always read."""
+    """Every file the inputs name, each once, directories walked in sorted order (hidden entries skipped); the
+    input "stdlib" names `stdlib_files()`. `suffixes`, if given, limits the files found in directories; files
+    named directly are always read."""
     files: list[Path] = []
     for given in inputs:
         path = Path(given)
-        if path.is_file():
+        if str(given) == STDLIB and not path.exists():
+            files.extend(stdlib_files())
+        elif path.is_file():
             files.append(path)
         elif path.is_dir():
             for root, dirs, names in os.walk(path):

@@ -262,7 +262,7 @@ def test_a_fresh_run_on_a_users_qwen_model(tmp_path, capsys):
     light = ("sft.batch_size=2", "eval.chat_tasks=", "eval.longctx.lengths=0.5,1")
     assert main(cli(out, f"base={tmp_path / 'qwen-toy'}", then=light)) == 0
     printed = capsys.readouterr().out
-    assert "[3/10] pretrain" in printed and "pretrain: wrote" not in printed
+    assert "[4/10] pretrain" in printed and "pretrain: wrote" not in printed
     assert Tokenizer.from_file(out / "tokenizer").ranks == qwen.ranks
     assert json.loads((out / "data" / "index.json").read_text())["vocab_size"] == 151851
     assert qianwen.load(out / "ppo")[0].config.vocab_size == 151851
@@ -275,7 +275,7 @@ def test_a_fresh_run_on_a_users_qwen_model(tmp_path, capsys):
 
 
 def _bad_stage(out, tmp_path):
-    return cli(out, "--from", "pretrian"), "'pretrian' is not a stage; the stages are tokenizer, data, pretrain"
+    return cli(out, "--from", "pretrian"), "'pretrian' is not a stage; the stages are tasks, tokenizer, data, pretrain"
 
 
 def _both_flags(out, tmp_path):

@@ -336,13 +336,27 @@ def test_same_seed_same_bytes_in_another_process(out, tmp_path):
 
 def test_cli_writes_the_set(tmp_path, capsys):
     args = ["--sft", "10", "--pairs", "5", "--pmp", "10", "--ppo", "5", "--eval", "5", "--flip", "0.2", "--seed", "1"]
-    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args]) == 0
+    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args, "--corpus", "90"]) == 0
     printed = capsys.readouterr().out
-    assert "wrote the synthetic set (seed 1)" in printed and "pmp.jsonl" in printed
+    assert "wrote the synthetic set (seed 1)" in printed and "pmp.jsonl" in printed and "corpus/" in printed
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
-    assert manifest["sizes"] == {"sft": 10, "pairs": 5, "pmp": 10, "ppo": 5, "eval": 5}
+    assert manifest["sizes"] == {"sft": 10, "pairs": 5, "pmp": 10, "ppo": 5, "eval": 5, "corpus": 90}
     assert manifest["files"]["pmp.jsonl"]["flipped"] == 2
+    assert manifest["corpus"] == {"examples": 90, "files": 3}  # 40 examples a file
     assert len(load(tmp_path / "syn" / "sft.jsonl")) == 10
+    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args]) == 0
+    assert not (tmp_path / "syn" / "corpus").exists()  # a rerun without a corpus leaves none behind
+
+
+def test_the_pretraining_corpus_holds_no_held_out_task(tmp_path):
+    make_all(tmp_path, seed=3, sft=0, pairs=0, pmp=0, ppo=0, eval_size=100, corpus=2000)
+    text = "".join(p.read_text() for p in sorted((tmp_path / "corpus").glob("*.txt")))
+    questions = [line.removeprefix("Question: ") for line in text.splitlines() if line.startswith("Question: ")]
+    assert len(questions) == 2000
+    for name in ("arith_eval", "instruct_eval", "tool_eval"):
+        held = {r["data"].get("question", r["prompt"]) for r in load(tmp_path / f"{name}.jsonl")}
+        assert not held & set(questions), name
+    assert "Action: code_interpreter" in text and "The answer is" in text  # the formats SFT will ask for
 
 
 @pytest.mark.parametrize(

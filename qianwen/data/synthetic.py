@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -56,6 +57,7 @@ EVAL_SETS = {
     "instruct_eval": {"instruction": 1.0},
     "tool_eval": {"tool": 1.0},
 }
+CORPUS_PER_FILE = 40
 SANDBOX_BATCH = 500  # codes per sandbox start: starting one costs ~20 ms, a line of arithmetic microseconds
 
 
@@ -380,11 +382,14 @@ def make_all(
     ppo: int = 1000,
     eval_size: int = 200,
     flip: float = 0.1,
+    corpus: int = 0,
 ) -> dict:
     """Write the whole synthetic set into `out_dir` and return its manifest (also manifest.json): `sft`
     conversations, `pairs` clean preference pairs (rm.jsonl), `pmp` noisy ones with a fraction `flip` of labels
-    swapped, `ppo` prompts, and `eval_size` records in each held-out file. The same seed gives the same bytes."""
-    sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size}
+    swapped, `ppo` prompts, and `eval_size` records in each held-out file; and `corpus` more examples as plain
+    "Question: ... Answer: ..." text files in `out_dir/corpus/`, for pretraining to read beside other text (the
+    held-out tasks are never among them). The same seed gives the same bytes."""
+    sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size, "corpus": corpus}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"the {name} size must be a whole number, 0 or more, got {value!r}.")
@@ -405,6 +410,7 @@ def make_all(
         "rm": draw(rng("rm"), pairs, MIX, keys),
         "pmp": draw(rng("pmp"), pmp, MIX, keys),
         "ppo": draw(rng("ppo"), ppo, PPO_MIX, keys),
+        "corpus": draw(rng("corpus"), corpus, MIX, keys),
     }
     # Every tool problem's code runs in one pass through the sandbox.
     sets = {**held, **train}
@@ -422,6 +428,7 @@ def make_all(
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(out / name, records)
+    corpus_files = write_corpus(out / "corpus", sets["corpus"])
     manifest = {
         "seed": seed,
         "sizes": sizes,
@@ -430,9 +437,32 @@ def make_all(
             name: _counts(records, name in ("pmp.jsonl", "rm.jsonl", "rm_eval.jsonl"))
             for name, records in files.items()
         },
+        "corpus": {"examples": len(sets["corpus"]), "files": corpus_files},
     }
     atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     return manifest
+
+
+def corpus_text(example: Example) -> str:
+    """One example as pretraining text; a tool problem without the ReAct prompt's tool list (it is the same
+    for every problem, and SFT shows it)."""
+    question = example.data["question"] if example.kind == "tool" else example.prompt
+    return f"Question: {question}\nAnswer: {example.response}"
+
+
+def write_corpus(directory: Path, examples: list[Example]) -> int:
+    """The examples as text files of CORPUS_PER_FILE each (documents of a size that text filters expect);
+    the old files go first, so a smaller corpus leaves none behind. Returns the number of files."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    if not examples:
+        return 0
+    directory.mkdir(parents=True)
+    starts = range(0, len(examples), CORPUS_PER_FILE)
+    for n, start in enumerate(starts):
+        text = "\n\n".join(corpus_text(e) for e in examples[start : start + CORPUS_PER_FILE]) + "\n"
+        atomic_write(directory / f"part-{n:05d}.txt", text)
+    return len(starts)
 
 
 def summary(manifest: dict, out_dir: str | os.PathLike, seconds: float) -> str:
@@ -442,4 +472,7 @@ def summary(manifest: dict, out_dir: str | os.PathLike, seconds: float) -> str:
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts["kinds"].items())
         flipped = f"; {counts['flipped']} flipped" if counts.get("flipped") else ""
         lines.append(f"  {name:20s} {counts['records']:6d}  ({kinds}{flipped})")
+    corpus = manifest.get("corpus", {})
+    if corpus.get("examples"):
+        lines.append(f"  {'corpus/':20s} {corpus['examples']:6d}  (pretraining text in {corpus['files']} files)")
     return "\n".join(lines)
