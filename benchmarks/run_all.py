@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+# The evaluation benchmark also scores the tiny recipe's trained base model when `make run` has made one.
+TRAINED = Path("runs/tiny/base")
 
 RUNS = [
     ["benchmarks.bench_tokenizer"],
@@ -26,6 +30,7 @@ RUNS = [
         "--name",
         "model_tiny1m",
     ],
+    ["benchmarks.bench_eval", *(["--checkpoint", str(TRAINED)] if (TRAINED / "config.json").is_file() else [])],
 ]
 
 
