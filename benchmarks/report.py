@@ -188,6 +188,19 @@ def main() -> None:
             + table(["library", "seconds", "docs/s", "mean abs error", ">= 0.8", "0.6-0.8", "< 0.6"], mh_rows)
             + "\n"
         )
+    serve = load("serve")
+    if serve:
+        rows = [
+            [r["server"], r["clients"], r["requests"], r["tokens"], r["seconds"], r["tokens_per_s"], r["ttft_median_s"]]
+            for r in serve["rows"]
+        ]
+        parts.append(
+            "## Serving: `qianwen serve` vs `transformers serve` (goals: >= 2x at 16 clients; our 16 clients >= 4x "
+            "our 1)\n\n"
+            f"{env_line(serve)}\n\n"
+            + table(["server", "clients", "requests", "tokens", "seconds", "tokens/s", "median TTFT s"], rows)
+            + f"\n\n{serve['notes']}\n"
+        )
     analysis = Path(__file__).with_name("ANALYSIS.md")
     if analysis.is_file():
         parts.append(analysis.read_text())

@@ -31,6 +31,7 @@ RUNS = [
         "model_tiny1m",
     ],
     ["benchmarks.bench_eval", *(["--checkpoint", str(TRAINED)] if (TRAINED / "config.json").is_file() else [])],
+    ["benchmarks.bench_serve"],
 ]
 
 

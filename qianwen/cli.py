@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "eval",
-        help="score a checkpoint on benchmarks (humaneval, gsm8k, mmlu, ceval, arith, bpb, longctx)",
+        help="score a checkpoint on benchmarks (humaneval, gsm8k, mmlu, ceval, arith, tool, bpb, longctx)",
         description="Run each task of --tasks with the report's protocol and write a summary JSON (--out, default "
         "<model>/../eval/<model dir name>.json), <stem>.<task>.jsonl sample logs, the Markdown table <stem>.md and "
         "any plots beside it. Task options as KEY=VALUE (every task reading KEY) or TASK.KEY=VALUE, e.g. "
