@@ -246,6 +246,9 @@ def section_tasks(out: Path) -> Section | None:
     if manifest is None:
         return None
     counts = {name: files["records"] for name, files in manifest["files"].items()}
+    corpus = manifest.get("corpus", {}).get("examples", 0)
+    if corpus:
+        counts["corpus/ (pretraining text)"] = corpus
     summary = "synthetic tasks (arithmetic, instructions, tool use; English and Chinese): " + ", ".join(
         f"{name} {n:,}" for name, n in counts.items()
     )
