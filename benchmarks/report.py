@@ -191,14 +191,17 @@ def main() -> None:
     serve = load("serve")
     if serve:
         rows = [
-            [r["server"], r["clients"], r["requests"], r["tokens"], r["seconds"], r["tokens_per_s"], r["ttft_median_s"]]
+            [r["server"], r.get("threads", "")]
+            + [r["clients"], r["requests"], r["tokens"], r["seconds"], r["tokens_per_s"], r["ttft_median_s"]]
             for r in serve["rows"]
         ]
         parts.append(
             "## Serving: `qianwen serve` vs `transformers serve` (goals: >= 2x at 16 clients; our 16 clients >= 4x "
             "our 1)\n\n"
             f"{env_line(serve)}\n\n"
-            + table(["server", "clients", "requests", "tokens", "seconds", "tokens/s", "median TTFT s"], rows)
+            + table(
+                ["server", "threads", "clients", "requests", "tokens", "seconds", "tokens/s", "median TTFT s"], rows
+            )
             + f"\n\n{serve['notes']}\n"
         )
     analysis = Path(__file__).with_name("ANALYSIS.md")
