@@ -254,17 +254,13 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------
 
     def latest(self) -> Path | None:
-        pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "trainer.json").is_file() else None
+        return latest_checkpoint(self.checkpoints, "trainer.json")
 
     def save(self) -> Path:
         from torch.distributed.checkpoint import save as dcp_save
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        rng = _rng_state()  # saving must not move the random streams, or a resumed run would differ
+        rng = rng_state()  # saving must not move the random streams, or a resumed run would differ
         name = f"step-{self.step:07d}"
         final, tmp = self.checkpoints / name, self.checkpoints / f"{name}.tmp"
         if self.runtime.main:
@@ -292,7 +288,7 @@ class Trainer:
             for old in kept[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.runtime.barrier()
-        _set_rng_state(rng)
+        set_rng_state(rng)
         return final
 
     def resume(self) -> int:
@@ -311,7 +307,7 @@ class Trainer:
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng-{self.runtime.rank}.pt"
         if rng.is_file():  # a different world size has no state for new ranks: they keep their seed
-            _set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(torch.load(rng, weights_only=False))
         self.step = trainer["step"]
         self._truncate_metrics(self.step)
         return self.step
@@ -464,14 +460,23 @@ def _single_process_quiet():
         yield
 
 
-def _rng_state() -> dict:
+def latest_checkpoint(checkpoints: Path, marker: str) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, if its `marker` file (written last) is there."""
+    pointer = checkpoints / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoints / pointer.read_text().strip()
+    return path if (path / marker).is_file() else None
+
+
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -36,7 +36,15 @@ import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import generate
 from qianwen.train.data import TokenShards, WindowSampler
-from qianwen.train.loop import TrainingError, _rng_state, _set_rng_state, hf_export, init_runtime, write_model_dir
+from qianwen.train.loop import (
+    TrainingError,
+    hf_export,
+    init_runtime,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_model_dir,
+)
 from qianwen.train.ppo_math import gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 from qianwen.train.reward import RewardModel, load_reward_model
 from qianwen.util import atomic_write
@@ -300,11 +308,7 @@ class PPO:
         return Path(self.config.out) / "checkpoints" / "ppo"
 
     def latest(self) -> Path | None:
-        pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "state.pt").is_file() else None
+        return latest_checkpoint(self.checkpoints, "state.pt")
 
     def save(self, step: int, history: list[dict]) -> Path:
         """The state after `step` steps, written whole (a `.tmp` directory renamed) before `latest` points at it."""
@@ -319,7 +323,7 @@ class PPO:
             "value": self.value.state_dict(),
             "policy_opt": self.policy_opt.state_dict(),
             "value_opt": self.value_opt.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         torch.save(state, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
@@ -337,7 +341,7 @@ class PPO:
         self.value.load_state_dict(state["value"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.value_opt.load_state_dict(state["value_opt"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         print(f"ppo: resumed from {path} (step {state['step']})")
         return state["step"], state["history"]
 
