@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="torch thread counts to try")
     parser.add_argument("--servers", default="qianwen,transformers,transformers-cb")
+    parser.add_argument("--device", default="cpu", help="where both servers run the model (cpu, cuda)")
+    parser.add_argument("--name", default="serve", help="results file name")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -148,7 +150,7 @@ def main() -> None:
         servers = {
             "qianwen": (
                 [str(bin_dir / "qianwen"), "serve", "--model", str(model_dir), "--port", "8931",
-                 "--served-name", "m", "--max-batch", str(max(levels))],
+                 "--served-name", "m", "--max-batch", str(max(levels)), "--device", args.device],
                 "http://127.0.0.1:8931",
                 "m",
             ),
@@ -156,13 +158,13 @@ def main() -> None:
             # continuous-batching manager; both are measured and the faster one is the peer.
             "transformers": (
                 [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8932", "--host", "127.0.0.1",
-                 "--device", "cpu"],
+                 "--device", args.device],
                 "http://127.0.0.1:8932",
                 str(model_dir),
             ),
             "transformers-cb": (
                 [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8933", "--host", "127.0.0.1",
-                 "--device", "cpu", "--continuous-batching"],
+                 "--device", args.device, "--continuous-batching"],
                 "http://127.0.0.1:8933",
                 str(model_dir),
             ),
@@ -215,7 +217,7 @@ def main() -> None:
         f"({ours['threads']} thread(s)) {ratio:.2f}x the faster peer mode ({peer['server']}, {peer['threads']} "
         f"thread(s)); our {top}-client rate {scaling:.2f}x our single-client rate at the same thread count."
     )
-    write_result("serve", rows, command.strip(), notes)
+    write_result(args.name, rows, command.strip(), notes)
 
 
 if __name__ == "__main__":
