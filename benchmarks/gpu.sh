@@ -21,6 +21,6 @@ TRAIN="$PY -m benchmarks.bench_train --device cuda --peak-tflops 989 --compile -
 timeout 240 $TRAIN --preset qwen-1.8b --seq 2048 --batch 4 --model hidden_size=1024 intermediate_size=2816 --name gpu_train_0.5b 2>&1 | grep -v "%|" | tee "$OUT/gpu_train_05b.txt"
 timeout 300 $TRAIN --preset qwen-1.8b --seq 2048 --batch 4 --name gpu_train_1.8b 2>&1 | grep -v "%|" | tee "$OUT/gpu_train_18b.txt"
 cp benchmarks/results/gpu_*.json "$OUT/" 2>/dev/null || true
-# Serving: qianwen serve against transformers serve (default and continuous batching) on the GPU, a 0.5B-shaped model.
+# Serving: qianwen serve against transformers serve (default and continuous batching) on the GPU (tiny-40m shape).
 timeout 240 $PY -m benchmarks.bench_serve --device cuda --model tiny-40m --threads 4 --requests 2 --name gpu_serve 2>&1 | tee "$OUT/gpu_serve.txt"
 cp benchmarks/results/gpu_*.json "$OUT/" 2>/dev/null || true
