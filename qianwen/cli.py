@@ -271,7 +271,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("QIANWEN_API_KEY")
     app = create_app(model, tok, name, api_key, args.max_batch, args.max_queue, args.max_model_len)
     where = f"http://{args.host}:{args.port}"
-    print(f"serving {name!r} at {where}: chat page {where}/, OpenAI API {where}/v1", file=sys.stderr, flush=True)
+    engine = app.state.engine
+    print(
+        f"serving {name!r} at {where}: chat page {where}/, OpenAI API {where}/v1; {engine.max_batch} rows of "
+        f"{engine.max_len} tokens in the KV cache ({engine.cache_bytes / 2**30:.2f} GiB)",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -4,9 +4,11 @@ learned a few conversations (tests/serving.py), over loopback only."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import re
+import subprocess
 import sys
 import time
 
@@ -320,3 +322,26 @@ def test_chat_command_errors(chat_model, capsys, monkeypatch):
     assert main(["chat", "--url", "http://127.0.0.1:1", "--top-k", "5"]) == 2
     err = capsys.readouterr().err
     assert [line.startswith("error: ") for line in err.splitlines()] == [True] * 3
+
+
+def test_serve_command(chat_model):
+    port = free_port()
+    command = [sys.executable, "-m", "qianwen", "serve", "--model", str(chat_model), "--port", str(port)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["model"] == "model" and health["status"] == "ok"  # served under the directory's name
+        assert "<title>qianwen chat</title>" in httpx.get(f"http://127.0.0.1:{port}/").text
+    finally:
+        server.terminate()
+        err = server.communicate(timeout=30)[1]
+    assert f"serving 'model' at http://127.0.0.1:{port}" in err and "GiB" in err
+    assert "Traceback" not in err
+    bad = subprocess.run([*command[:-4], "--model", str(chat_model.parent / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1

@@ -129,3 +129,8 @@ def test_cancel_and_overload(model, tok):
             engine.submit(tok.encode("d"), never, 2, lambda job, e: None)
     finally:
         engine.close()
+
+
+def test_a_cache_that_does_not_fit_is_one_sentence(model, tok):
+    with pytest.raises(ValueError, match=r"needs .* GiB.*lower --max-batch or --max-model-len"):
+        Engine(model, tok, max_batch=10**9, max_len=256)

@@ -98,7 +98,17 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = [*tokenizer.chat_stop_ids, tokenizer.eod_id]
-        self.cache = model.new_cache(max_batch, self.max_len)
+        c = model.config
+        self.cache_bytes = 2 * c.num_layers * max_batch * c.num_kv_heads * self.max_len * c.head_dim
+        self.cache_bytes *= model.embed.weight.element_size()
+        try:
+            self.cache = model.new_cache(max_batch, self.max_len)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise ValueError(
+                f"the KV cache for {max_batch} rows of {self.max_len} tokens needs {self.cache_bytes / 2**30:.1f} GiB, "
+                f"which this device cannot allocate ({str(exc).splitlines()[0][:120]}); lower --max-batch or "
+                "--max-model-len."
+            ) from None
         if model.config.use_dynamic_ntk:
             self.cache.alpha = torch.ones(max_batch, device=self.cache.k.device)
         self.device = self.cache.k.device
