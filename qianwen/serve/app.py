@@ -24,9 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from qianwen.engine import Engine, Event, Job, Overloaded, Params
 from qianwen.model import Transformer
 from qianwen.serve.chat import ToolStream, interpret, render
-from qianwen.serve.engine import Engine, Event, Job, Overloaded, Params
 from qianwen.serve.protocol import APIError, ChatRequest, CompletionRequest, parse_body
 from qianwen.tokenizer import Tokenizer
 

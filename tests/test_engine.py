@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qianwen.config import ModelConfig
+from qianwen.engine import Engine, Overloaded, Params, generate_many
 from qianwen.generate import generate
 from qianwen.model import Transformer
-from qianwen.serve.engine import Engine, Overloaded, Params
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,34 @@ def test_cancel_and_overload(model, tok):
 def test_a_cache_that_does_not_fit_is_one_sentence(model, tok):
     with pytest.raises(ValueError, match=r"needs .* GiB.*lower --max-batch or --max-model-len"):
         Engine(model, tok, max_batch=10**9, max_len=256)
+
+
+def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(model, tok, monkeypatch):
+    real, calls = model.decode_step, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode_step", fails_once)
+    engine = Engine(model, tok, max_batch=2)
+    out = Collector()
+    try:
+        engine.submit(tok.encode("hello"), Params(max_tokens=20, temperature=0), 1, out(0))
+        out.wait(1)
+        assert out.finish[(0, 0)] == "error" and "boom" in out.text[(0, 0)]
+        engine.submit(tok.encode("hello"), Params(max_tokens=5, temperature=0), 1, out(1))
+        out.wait(2)
+        assert out.finish[(1, 0)] in ("stop", "length") and engine.load["running"] == 0
+    finally:
+        engine.close()
+
+
+def test_generate_many_equals_generate(model, tok):
+    prompts = [tok.encode("x " * (1 + i % 7) + str(i)) for i in range(9)]
+    many = generate_many(model, tok, prompts, 12, stop=["\n"], max_batch=4)
+    for p, got in zip(prompts, many, strict=True):
+        alone = generate(model, tok, p, 12, stop=["\n"])
+        assert (got.text, got.token_ids, got.finish_reason) == (alone.text, alone.token_ids, alone.finish_reason)

@@ -1,9 +1,12 @@
-"""Continuous batching. One thread owns the model and a KV cache of `max_batch` rows of `max_len` slots (the
-budget every request shares). A request joins the running batch between two decoding steps (its prompt is
-prefilled into a free row; the n choices of one prompt share that prefill) and leaves it the step it finishes,
-or the step after its client goes away, so a long reply never holds a short one up. Live rows are kept at the
-front of the cache: one decoding step is one forward pass over a view of those rows, each row at its own
-position. Beyond `max_batch` running and `max_queue` waiting, `submit` refuses with `Overloaded`."""
+"""Continuous batching, for the server and for any caller with many prompts (evaluation).
+
+One thread owns the model and a KV cache of `max_batch` rows of `max_len` slots (the budget every request
+shares). A request joins the running batch between two decoding steps (its prompt is prefilled into a free row;
+the n choices of one prompt share that prefill) and leaves it the step it finishes, or the step after its client
+goes away, so a long reply never holds a short one up. Live rows are kept at the front of the cache: one
+decoding step is one forward pass over a view of those rows, each row at its own position. Beyond `max_batch`
+running and `max_queue` waiting, `submit` refuses with `Overloaded`. `generate_many` runs a list of prompts
+through an engine and returns their completions in order."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qianwen.generate import OutputText, Sampling, sample
+from qianwen.generate import Completion, OutputText, Sampling, sample
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 
@@ -113,6 +116,7 @@ class Engine:
             self.cache.alpha = torch.ones(max_batch, device=self.cache.k.device)
         self.device = self.cache.k.device
         self.active: list[Job] = []  # job i owns cache row i
+        self._admitting = 0  # jobs taken off the queue and not yet in `active`
         self.waiting: collections.deque[list[Job]] = collections.deque()
         self.deliver = deliver
         self._outbox: list[tuple[Job, Event]] = []
@@ -137,7 +141,7 @@ class Engine:
             if self._closed:
                 raise Overloaded("the server is shutting down.")
             queued = sum(map(len, self.waiting))
-            if len(self.active) + queued + n > self.max_batch + self.max_queue:
+            if len(self.active) + self._admitting + queued + n > self.max_batch + self.max_queue:
                 raise Overloaded(
                     f"all {self.max_batch} batch rows are busy and {queued} choices are queued "
                     f"(the limit is {self.max_queue}); retry later."
@@ -177,11 +181,13 @@ class Engine:
                     self.waiting and len(self.active) + sum(map(len, admitted)) + len(self.waiting[0]) <= self.max_batch
                 ):
                     admitted.append(self.waiting.popleft())
+                self._admitting = sum(map(len, admitted))
             try:
                 self._drop_cancelled()
                 for jobs in admitted:
                     live = [j for j in jobs if not j.cancelled]
                     self.cancelled += len(jobs) - len(live)
+                    self._admitting -= len(jobs) - len(live)
                     if live:
                         self._prefill(live)
                 if self.active:
@@ -210,6 +216,7 @@ class Engine:
                 cache.alpha[r] = view.alpha[0] if view.alpha is not None else 1.0
             job.length = T
             self.active.append(job)
+            self._admitting -= 1
             self._advance(job, logits[0])
 
     @torch.inference_mode()
@@ -308,3 +315,43 @@ class Engine:
                 job.output.done = True
                 job.emit(Event(message, [], "error"))
         self.active.clear()
+
+
+def generate_many(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    max_batch: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[Completion]:
+    """Complete every prompt (greedy by default), `max_batch` at a time with continuous batching: a finished
+    row takes the next prompt at once instead of idling until its batch ends. Same stops as `generate`."""
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("a prompt is empty; give at least one token.")
+    longest = max(map(len, prompts))
+    engine = Engine(model, tokenizer, max_batch, max_queue=len(prompts), max_len=longest + max_tokens)
+    done = threading.Semaphore(0)
+    errors: list[str] = []
+
+    def finished(job: Job, event: Event) -> None:
+        if event.finish_reason == "error":
+            errors.append(event.text)
+        if event.finish_reason:
+            done.release()
+
+    try:
+        params = Params(max_tokens, temperature, top_p, tuple(s for s in stop if s), seed)
+        jobs = [engine.submit(p, params, 1, finished)[0] for p in prompts]
+        for _ in jobs:
+            done.acquire()
+    finally:
+        engine.close()
+    if errors:
+        raise RuntimeError(errors[0])
+    return [Completion(j.output.ids, j.output.text, j.output.finish_reason, len(j.prompt)) for j in jobs]
