@@ -327,9 +327,11 @@ def generate_many(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[Completion]:
     """Complete every prompt (greedy by default), `max_batch` at a time with continuous batching: a finished
-    row takes the next prompt at once instead of idling until its batch ends. Same stops as `generate`."""
+    row takes the next prompt at once instead of idling until its batch ends. Same stops as `generate`.
+    `progress(1)` is called (from the engine's thread) as each prompt finishes."""
     if not prompts:
         return []
     if any(not p for p in prompts):
@@ -344,6 +346,8 @@ def generate_many(
             errors.append(event.text)
         if event.finish_reason:
             done.release()
+            if progress is not None:
+                progress(1)
 
     try:
         params = Params(max_tokens, temperature, top_p, tuple(s for s in stop if s), seed)
