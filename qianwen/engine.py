@@ -1,12 +1,11 @@
-"""Continuous batching, for the server and for any caller with many prompts (evaluation).
+"""Continuous batching (the server's engine; in core so that any stage with many prompts can use it).
 
 One thread owns the model and a KV cache of `max_batch` rows of `max_len` slots (the budget every request
 shares). A request joins the running batch between two decoding steps (its prompt is prefilled into a free row;
 the n choices of one prompt share that prefill) and leaves it the step it finishes, or the step after its client
 goes away, so a long reply never holds a short one up. Live rows are kept at the front of the cache: one
 decoding step is one forward pass over a view of those rows, each row at its own position. Beyond `max_batch`
-running and `max_queue` waiting, `submit` refuses with `Overloaded`. `generate_many` runs a list of prompts
-through an engine and returns their completions in order."""
+running and `max_queue` waiting, `submit` refuses with `Overloaded`."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qianwen.generate import Completion, OutputText, Sampling, sample
+from qianwen.generate import OutputText, Sampling, sample
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 
@@ -315,47 +314,3 @@ class Engine:
                 job.output.done = True
                 job.emit(Event(message, [], "error"))
         self.active.clear()
-
-
-def generate_many(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    max_tokens: int,
-    stop: Sequence[str] = (),
-    max_batch: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> list[Completion]:
-    """Complete every prompt (greedy by default), `max_batch` at a time with continuous batching: a finished
-    row takes the next prompt at once instead of idling until its batch ends. Same stops as `generate`.
-    `progress(1)` is called (from the engine's thread) as each prompt finishes."""
-    if not prompts:
-        return []
-    if any(not p for p in prompts):
-        raise ValueError("a prompt is empty; give at least one token.")
-    longest = max(map(len, prompts))
-    engine = Engine(model, tokenizer, max_batch, max_queue=len(prompts), max_len=longest + max_tokens)
-    done = threading.Semaphore(0)
-    errors: list[str] = []
-
-    def finished(job: Job, event: Event) -> None:
-        if event.finish_reason == "error":
-            errors.append(event.text)
-        if event.finish_reason:
-            done.release()
-            if progress is not None:
-                progress(1)
-
-    try:
-        params = Params(max_tokens, temperature, top_p, tuple(s for s in stop if s), seed)
-        jobs = [engine.submit(p, params, 1, finished)[0] for p in prompts]
-        for _ in jobs:
-            done.acquire()
-    finally:
-        engine.close()
-    if errors:
-        raise RuntimeError(errors[0])
-    return [Completion(j.output.ids, j.output.text, j.output.finish_reason, len(j.prompt)) for j in jobs]

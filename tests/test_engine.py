@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qianwen.config import ModelConfig
-from qianwen.engine import Engine, Overloaded, Params, generate_many
+from qianwen.engine import Engine, Overloaded, Params
 from qianwen.generate import generate
 from qianwen.model import Transformer
 
@@ -157,11 +157,3 @@ def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(model, tok, monkeyp
         assert out.finish[(1, 0)] in ("stop", "length") and engine.load["running"] == 0
     finally:
         engine.close()
-
-
-def test_generate_many_equals_generate(model, tok):
-    prompts = [tok.encode("x " * (1 + i % 7) + str(i)) for i in range(9)]
-    many = generate_many(model, tok, prompts, 12, stop=["\n"], max_batch=4)
-    for p, got in zip(prompts, many, strict=True):
-        alone = generate(model, tok, p, 12, stop=["\n"])
-        assert (got.text, got.token_ids, got.finish_reason) == (alone.text, alone.token_ids, alone.finish_reason)

@@ -23,7 +23,6 @@ from typing import Protocol
 from tqdm import tqdm
 
 import qianwen
-from qianwen.engine import generate_many
 from qianwen.generate import Completion, generate
 from qianwen.util import atomic_write
 
@@ -184,21 +183,6 @@ def fit_few_shot(build: Callable[[int], list[int]], shots: int, budget: int) -> 
     return ids[-budget:], 0
 
 
-def fit_window(model, prompts: Sequence[list[int]], max_new_tokens: int, desc: str) -> list[list[int]]:
-    """The prompts, each cut to its newest tokens where it would not leave `max_new_tokens` of the model's window
-    (with a warning that counts them)."""
-    window = model.config.max_position_embeddings
-    budget = window - max_new_tokens
-    if budget < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {window}-token window.")
-    cut = sum(len(p) > budget for p in prompts)
-    if cut:
-        warnings.warn(
-            f"{desc}: {cut} prompt(s) lost their oldest tokens to fit the {window}-token window.", stacklevel=3
-        )
-    return [list(p[-budget:]) for p in prompts]
-
-
 def generate_batches(
     model: qianwen.Transformer,
     tokenizer: qianwen.Tokenizer,
@@ -215,12 +199,20 @@ def generate_batches(
     """(indices, completions) batch by batch. Prompts of similar length share a batch, so little padding is
     computed; a prompt longer than the model's window less `max_new_tokens` loses its oldest tokens (with a
     warning). Batch i samples with seed `seed + i`, so a run is repeatable at a given batch size."""
-    prompts = fit_window(model, prompts, max_new_tokens, desc)
+    window = model.config.max_position_embeddings
+    budget = window - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {window}-token window.")
+    cut = sum(len(p) > budget for p in prompts)
+    if cut:
+        warnings.warn(
+            f"{desc}: {cut} prompt(s) lost their oldest tokens to fit the {window}-token window.", stacklevel=2
+        )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, disable=None) as bar:
         for b, start in enumerate(range(0, len(order), batch_size)):
             indices = order[start : start + batch_size]
-            batch = [prompts[i] for i in indices]
+            batch = [list(prompts[i][-budget:]) for i in indices]
             outs = generate(
                 model, tokenizer, batch, max_new_tokens, stop=list(stop) or None,
                 temperature=temperature, top_p=top_p, seed=seed + b if temperature > 0 else None,
@@ -230,21 +222,7 @@ def generate_batches(
 
 
 def generate_all(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, **kwargs) -> list[Completion]:
-    """Completions in the order of `prompts`: greedy ones through the continuous-batching engine (a finished
-    row takes the next prompt), sampled ones through `generate_batches` (whose seeds are per batch)."""
-    if kwargs.get("temperature", 0.0) == 0.0:
-        desc = kwargs.get("desc", "generate")
-        prompts = fit_window(model, prompts, max_new_tokens, desc)
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, disable=None) as bar:
-            return generate_many(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens,
-                kwargs.get("stop", ()),
-                kwargs.get("batch_size", 8),
-                progress=bar.update,
-            )
+    """`generate_batches`, gathered back into the order of `prompts`."""
     out: list[Completion | None] = [None] * len(prompts)
     for indices, completions in generate_batches(model, tokenizer, prompts, max_new_tokens, **kwargs):
         for i, c in zip(indices, completions):

@@ -37,7 +37,6 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import qianwen
-from qianwen.engine import generate_many
 from qianwen.model import KVCache
 from qianwen.tokenizer import CHAT_TEMPLATE
 from qianwen.util import atomic_write
@@ -293,8 +292,8 @@ class QianwenLM(TemplateLM):
         )
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="qianwen generate_until", file=sys.stderr)
-        for group in order.get_batched(n=0):  # one group per distinct gen_kwargs, longest context first
-            contexts, kwargs = zip(*group)
+        for chunk in order.get_batched(n=self.batch_size):
+            contexts, kwargs = zip(*chunk)
             settings = normalize_gen_kwargs(kwargs[0], self.max_gen_toks)
             unknown = sorted(set(settings) - _SAMPLING_KEYS)
             if unknown:
@@ -304,27 +303,19 @@ class QianwenLM(TemplateLM):
             if room < 1:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in {self.max_length} tokens.")
             prompts = [encoded[c][-room:] or [self.prefix_token_id] for c in contexts]
-            stop = [s for s in settings["until"] if s]
             sampled = bool(settings.get("do_sample")) and float(settings.get("temperature", 0.0)) > 0
-            if not sampled and float(settings.get("repetition_penalty", 1.0)) == 1.0 and not self.compile:
-                # Greedy, as most tasks ask: continuous batching, so a reply that stops early frees its row
-                # for the next prompt instead of idling until its batch ends.
-                completions = generate_many(self.model, self.tokenizer, prompts, max_new, stop, self.batch_size)
-            else:
-                completions = []
-                for start in range(0, len(prompts), self.batch_size):
-                    completions += qianwen.generate(
-                        self.model,
-                        self.tokenizer,
-                        prompts[start : start + self.batch_size],
-                        max_new,
-                        stop=stop or None,
-                        temperature=float(settings.get("temperature", 0.0)) if sampled else 0.0,
-                        top_p=float(settings.get("top_p", 1.0)) if sampled else 1.0,
-                        top_k=int(settings.get("top_k", 0)) if sampled else 0,
-                        repetition_penalty=float(settings.get("repetition_penalty", 1.0)),
-                        compile=self.compile,
-                    )
+            completions = qianwen.generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new,
+                stop=[s for s in settings["until"] if s] or None,
+                temperature=float(settings.get("temperature", 0.0)) if sampled else 0.0,
+                top_p=float(settings.get("top_p", 1.0)) if sampled else 1.0,
+                top_k=int(settings.get("top_k", 0)) if sampled else 0,
+                repetition_penalty=float(settings.get("repetition_penalty", 1.0)),
+                compile=self.compile,
+            )
             for context, gen_kwargs, completion in zip(contexts, kwargs, completions):
                 results.append(completion.text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), completion.text)
