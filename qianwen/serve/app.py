@@ -184,7 +184,7 @@ def create_app(
         meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(request, queue, choices, prompt, req.legacy, meta, include_usage, len(prompt.ids)))
+            return _sse(_chat_stream(queue, choices, prompt, req.legacy, meta, include_usage, len(prompt.ids)))
         await _collect(request, queue, choices)
         out = []
         for c in choices:
@@ -200,7 +200,7 @@ def create_app(
             out.append({"index": c.job.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {"object": "chat.completion", **meta, "choices": out, "usage": _usage(len(prompt.ids), choices)}
 
-    async def _chat_stream(request, queue, choices, prompt, legacy, meta, include_usage, prompt_len) -> AsyncIterator:
+    async def _chat_stream(queue, choices, prompt, legacy, meta, include_usage, prompt_len) -> AsyncIterator:
         base = {"object": "chat.completion.chunk", **meta}
         extra = {"usage": None} if include_usage else {}
 
@@ -279,7 +279,7 @@ def create_app(
         prompt_tokens = sum(map(len, prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_completion_stream(request, queue, choices, echoes, meta, include_usage, prompt_tokens))
+            return _sse(_completion_stream(queue, choices, echoes, meta, include_usage, prompt_tokens))
         await _collect(request, queue, choices)
         out = []
         for c in choices:
@@ -288,7 +288,7 @@ def create_app(
             out.append({"index": c.job.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {"object": "text_completion", **meta, "choices": out, "usage": _usage(prompt_tokens, choices)}
 
-    async def _completion_stream(request, queue, choices, echoes, meta, include_usage, prompt_tokens) -> AsyncIterator:
+    async def _completion_stream(queue, choices, echoes, meta, include_usage, prompt_tokens) -> AsyncIterator:
         base = {"object": "text_completion", **meta}
         extra = {"usage": None} if include_usage else {}
         for c in choices:
