@@ -357,7 +357,7 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     from qianwen.data.synthetic import SandboxError, make_all, summary
 
     # Options left out are absent (argparse.SUPPRESS), so make_all's defaults are the only ones.
-    names = ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip", "corpus")
+    names = ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip", "corpus", "max_number", "tool_digits")
     given = {k: v for k, v in vars(args).items() if k in names}
     start = perf_counter()
     try:
@@ -686,6 +686,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--corpus", type=int, metavar="N", help="examples written as pretraining text to OUT/corpus/ (default 0)"
     )
+    p.add_argument(
+        "--max-number",
+        type=int,
+        metavar="N",
+        help="cap on every number of an arithmetic problem, working and answer included (default 0 = none)",
+    )
+    p.add_argument("--tool-digits", type=int, metavar="D", help="digits of the tool problems' first factor (default 5)")
     p.set_defaults(func=cmd_data_synthetic)
 
     p = commands.add_parser(

@@ -40,6 +40,8 @@ class TaskSettings:
     eval_size: int = 200
     flip: float = 0.1
     corpus: int = 0  # examples also written as pretraining text, read beside the [data] inputs
+    max_number: int = 0  # every number of an arithmetic problem at most this (0 = no cap)
+    tool_digits: int = 5  # digits of the tool problems' first factor
 
 
 @dataclass
@@ -78,13 +80,14 @@ class Settings:
     eval: EvalSettings
 
     def corpus(self, out: Path) -> list[str]:
-        """What the tokenizer and data prep read: data.inputs (the standard library when none), plus the
-        synthetic tasks' pretraining text when tasks.corpus > 0."""
+        """What the tokenizer and data prep read: the synthetic tasks' pretraining text when tasks.corpus > 0,
+        then data.inputs (the standard library when none). The tasks come first so that a byte cap
+        (data.read.max_bytes) trims the general text, not them."""
         if not self.tasks.corpus:
             return self.data_inputs
         from qianwen.util import STDLIB
 
-        return [*(self.data_inputs or [STDLIB]), str(out / "tasks" / "corpus")]
+        return [str(out / "tasks" / "corpus"), *(self.data_inputs or [STDLIB])]
 
 
 def recipe_path(name: str) -> Path:
@@ -161,9 +164,11 @@ def alignment_config(name: str, sections: dict, out: Path, seed: int):
     }[name]
     data = {
         "sft": {"data": tasks / "sft.jsonl"},
-        "rm": {"data": tasks / "rm.jsonl", "pmp_data": tasks / "pmp.jsonl"},
+        "rm": {"data": tasks / "rm.jsonl", "pmp_data": tasks / "pmp.jsonl", "eval_data": tasks / "rm_eval.jsonl"},
         "ppo": {"prompts": tasks / "ppo.jsonl"},
     }[name]
+    if "data" in sections.get(name, {}):
+        data.pop("eval_data", None)  # the synthetic held-out pairs score the synthetic training pairs only
     section = {"seed": seed, **{k: str(v) for k, v in data.items()}, **sections.get(name, {})}
     section.update({k: str(v) for k, v in models.items()})
     if name == "ppo" and section.get("ptx_coef") and not section.get("ptx_data"):

@@ -253,8 +253,17 @@ def section_tasks(out: Path) -> Section | None:
         f"{name} {n:,}" for name, n in counts.items()
     )
     rows = [[name, f"{n:,}"] for name, n in counts.items()]
+    cap = manifest.get("max_number") or 0
+    sizes = (
+        f"Arithmetic problems keep every number at or below {cap:,} (tasks.max_number)"
+        if cap
+        else "Arithmetic problems use the templates' full ranges (tasks.max_number = 0)"
+    )
+    sizes += f"; the tool problems' first factor has {manifest.get('tool_digits', 5)} digits (tasks.tool_digits)."
     return Section(
-        summary, f"{sum(counts.values()):,} records", [Paragraph(summary + "."), Table(["file", "records"], rows)]
+        summary,
+        f"{sum(counts.values()):,} records",
+        [Paragraph(summary + "."), Paragraph(sizes), Table(["file", "records"], rows)],
     )
 
 
@@ -293,7 +302,7 @@ def section_rm(out: Path, plots: dict[str, str]) -> Section | None:
     meta = read_json(out / "rm" / "qianwen.json")
     if meta is None or meta.get("stage") != "rm":
         return None
-    rows, accuracy, seen = [], {}, 0
+    rows, accuracy, seen, kinds, held_from = [], {}, 0, {}, ""
     for stage in ("rm-pmp", "rm"):
         stage_meta, records = read_json(out / stage / "qianwen.json"), metrics(out, stage)
         if stage_meta is None:
@@ -304,6 +313,8 @@ def section_rm(out: Path, plots: dict[str, str]) -> Section | None:
         config, pairs = stage_meta.get("config", {}), stage_meta.get("pairs", {})
         steps = train[-1]["step"] if train else 0
         seen += steps * config.get("batch_size", 1) * config.get("grad_accum", 1) * _world(out, stage)
+        kinds[stage] = stage_meta.get("val_accuracy_by_rejection") or {}
+        held_from = pairs.get("val_from", held_from)
         rows.append(
             [
                 stage,
@@ -315,13 +326,21 @@ def section_rm(out: Path, plots: dict[str, str]) -> Section | None:
         )
     summary = "held-out pairwise accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if v is not None)
     reward = meta.get("reward") or {}
+    names = sorted({n for by in kinds.values() for n in by})
+    held = f" ({held_from})" if held_from else ""
     blocks: list[Block] = [
         Paragraph(
             "Preference-model pretraining on the large noisy set (rm-pmp), then the clean pairs (rm); accuracy is "
-            "the share of held-out pairs where the chosen reply scores higher."
+            f"the share of held-out pairs{held} where the chosen reply scores higher."
         ),
         Table(["stage", "pairs train / held out", "steps", "held-out accuracy", "mean margin"], rows),
     ]
+    if names:
+        blocks.append(Paragraph("Held-out accuracy by what is wrong with the rejected reply:"))
+        table = [
+            [stage, *(_number("accuracy", by[n]) if n in by else "—" for n in names)] for stage, by in kinds.items()
+        ]
+        blocks.append(Table(["stage", *(n.replace("_", " ") for n in names)], table))
     if reward:
         blocks.append(
             Paragraph(

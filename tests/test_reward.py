@@ -86,6 +86,31 @@ def test_both_stages_separate_pairs_and_export_a_sequence_classifier(base_dir, t
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_a_held_out_file_scores_both_stages_whole_and_per_rejection_kind(base_dir, tmp_path):
+    train, held = pairs_file(tmp_path / "train.jsonl", 120, seed=3), pairs_file(tmp_path / "held.jsonl", 30, seed=4)
+    records = [json.loads(line) for line in held.read_text().splitlines()]
+    for i, record in enumerate(records):  # two kinds of rejected reply, the second never ending
+        record["rejection"] = ["wrong_answer", "unended"][i % 2]
+        record["rejected_ended"] = i % 2 == 0
+    held.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = [f"model={base_dir}", f"data={train}", f"pmp_data={train}", f"eval_data={held}", f"out={tmp_path}"]
+    reward_model(load_config(None, [*settings, "lr=3e-3", "pmp_steps=10", "steps=10", "eval_batches=1"]))
+    meta = json.loads((tmp_path / "rm" / "qianwen.json").read_text())
+    assert meta["pairs"]["train"] == 120 and meta["pairs"]["val"] == 30 and meta["pairs"]["val_from"] == str(held)
+
+    rm, tok, _ = load_reward_model(tmp_path / "rm")  # every held-out pair scored again, one at a time
+    right: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for record in records:
+            chosen, rejected = (torch.tensor([reply_ids(tok, record, side)]) for side in ("chosen", "rejected"))
+            margin = rm(chosen, torch.tensor([chosen.shape[1] - 1]), pairwise=False) - rm(
+                rejected, torch.tensor([rejected.shape[1] - 1]), pairwise=False
+            )
+            right.setdefault(record["rejection"], []).append(bool(margin.item() > 0))
+    assert meta["val_accuracy_by_rejection"] == {k: round(sum(v) / len(v), 4) for k, v in right.items()}
+    assert meta["val_accuracy"] == round(sum(sum(v) for v in right.values()) / len(records), 4)
+
+
 def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
     assert main(["rm", f"model={base_dir}"]) == 2
     assert capsys.readouterr().err == "error: rm.data is not set; pass data=PATH.\n"

@@ -359,9 +359,33 @@ def test_the_pretraining_corpus_holds_no_held_out_task(tmp_path):
     assert "Action: code_interpreter" in text and "The answer is" in text  # the formats SFT will ask for
 
 
+def test_difficulty_knobs_cap_the_numbers(tmp_path):
+    """max_number bounds every number an arithmetic problem shows or computes; tool_digits sizes the factors."""
+    make_all(tmp_path, seed=5, sft=200, pairs=0, pmp=0, ppo=100, eval_size=60, max_number=30, tool_digits=3)
+    arith = [r for name in ("sft", "ppo", "arith_eval") for r in load(tmp_path / f"{name}.jsonl")]
+    arith = [r for r in arith if r["kind"] == "arithmetic"]
+    assert len(arith) > 100
+    for r in arith:
+        text = " ".join(m["content"] for m in r["messages"][1:]) if "messages" in r else r["prompt"]
+        numbers = [int(n) for n in re.findall(r"\d+", text)] + [
+            n for a, _, b, c in r["data"]["steps"] for n in (a, b, c)
+        ]
+        assert max(numbers) <= 30, text
+    tools = load(tmp_path / "tool_eval.jsonl")
+    for r in tools:
+        factors = re.fullmatch(r"print\((\d+) \* (\d+)(?: - \d+)?\)", r["data"]["code"])
+        if factors:
+            assert [len(f) for f in factors.groups()] == [3, 2], r["data"]["code"]
+        assert int(r["answer"]) > 0
+    assert any(r["data"]["code"].startswith("print(sum(") for r in tools)
+    assert json.loads((tmp_path / "manifest.json").read_text())["max_number"] == 30
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--max-number", "3"], "no arithmetic problem keeps every number at or below max_number=3"),
+        (["--tool-digits", "1"], "tool_digits must be a whole number from 2 to 12"),
         (["--sft", "-1"], "the sft size must be a whole number"),
         (["--flip", "0.6"], "flip is the fraction of PMP labels"),
         (["--flip", "half"], "invalid float value"),

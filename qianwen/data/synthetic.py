@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 from qianwen.data import synthetic_arith, synthetic_tasks
@@ -166,7 +167,12 @@ def check_answer(kind: str, expected: str, reply: str, lang: str | None = None) 
 
 
 def draw(
-    rng: random.Random, n: int, mix: dict[str, float], held_out: Iterable[tuple] = (), distinct: bool = False
+    rng: random.Random,
+    n: int,
+    mix: dict[str, float],
+    held_out: Iterable[tuple] = (),
+    distinct: bool = False,
+    generators: dict[str, Callable[[random.Random, str], Example]] = GENERATORS,
 ) -> list[Example]:
     """`n` examples of the groups in `mix` (arithmetic, instruction, tool) by weight, in either language, none with
     a key in `held_out`, no prompt twice (no task twice when `distinct`, as held-out sets want)."""
@@ -174,7 +180,7 @@ def draw(
     groups, weights = list(mix), list(mix.values())
     examples, seen, misses = [], set(), 0
     while len(examples) < n:
-        example = GENERATORS[rng.choices(groups, weights)[0]](rng, rng.choice(LANGS))
+        example = generators[rng.choices(groups, weights)[0]](rng, rng.choice(LANGS))
         mark = example.key if distinct else example.prompt
         if example.key in held_out or mark in seen:
             misses += 1
@@ -383,16 +389,22 @@ def make_all(
     eval_size: int = 200,
     flip: float = 0.1,
     corpus: int = 0,
+    max_number: int = 0,
+    tool_digits: int = 5,
 ) -> dict:
     """Write the whole synthetic set into `out_dir` and return its manifest (also manifest.json): `sft`
     conversations, `pairs` clean preference pairs (rm.jsonl), `pmp` noisy ones with a fraction `flip` of labels
     swapped, `ppo` prompts, and `eval_size` records in each held-out file; and `corpus` more examples as plain
     "Question: ... Answer: ..." text files in `out_dir/corpus/`, for pretraining to read beside other text (the
-    held-out tasks are never among them). The same seed gives the same bytes."""
+    held-out tasks are never among them). `max_number` (0 = none) caps every number of an arithmetic problem,
+    its working and answer included, and `tool_digits` sizes the tool problems' numbers: the knobs that fit the
+    tasks to a model's size. The same seed gives the same bytes."""
     sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size, "corpus": corpus}
-    for name, value in sizes.items():
+    for name, value in {**sizes, "max_number": max_number}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"the {name} size must be a whole number, 0 or more, got {value!r}.")
+    if isinstance(tool_digits, bool) or not isinstance(tool_digits, int) or not 2 <= tool_digits <= 12:
+        raise ValueError(f"tool_digits must be a whole number from 2 to 12, got {tool_digits!r}.")
     if isinstance(flip, bool) or not isinstance(flip, int | float) or not 0 <= flip < 0.5:
         raise ValueError(f"flip is the fraction of PMP labels to swap and must be in [0, 0.5), got {flip!r}.")
     out = Path(out_dir)
@@ -402,15 +414,23 @@ def make_all(
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}/{name}")  # a stream per file: one training size changed leaves the rest alone
 
-    held = {name: draw(rng(name), eval_size, mix, distinct=True) for name, mix in EVAL_SETS.items()}
-    held["rm_eval"] = draw(rng("rm_eval"), eval_size, MIX, distinct=True)
+    gens = {
+        **GENERATORS,
+        "arithmetic": partial(synthetic_arith.arithmetic, max_number=max_number),
+        "tool": partial(synthetic_tasks.tool_problem, digits=tool_digits),
+    }
+    held = {name: draw(rng(name), eval_size, mix, distinct=True, generators=gens) for name, mix in EVAL_SETS.items()}
+    held["rm_eval"] = draw(rng("rm_eval"), eval_size, MIX, distinct=True, generators=gens)
     keys = {e.key for examples in held.values() for e in examples}
     train = {
-        "sft": draw(rng("sft"), sft, MIX, keys),
-        "rm": draw(rng("rm"), pairs, MIX, keys),
-        "pmp": draw(rng("pmp"), pmp, MIX, keys),
-        "ppo": draw(rng("ppo"), ppo, PPO_MIX, keys),
-        "corpus": draw(rng("corpus"), corpus, MIX, keys),
+        name: draw(rng(name), size, mix, keys, generators=gens)
+        for name, size, mix in [
+            ("sft", sft, MIX),
+            ("rm", pairs, MIX),
+            ("pmp", pmp, MIX),
+            ("ppo", ppo, PPO_MIX),
+            ("corpus", corpus, MIX),
+        ]
     }
     # Every tool problem's code runs in one pass through the sandbox.
     sets = {**held, **train}
@@ -433,6 +453,8 @@ def make_all(
         "seed": seed,
         "sizes": sizes,
         "flip": flip,
+        "max_number": max_number,
+        "tool_digits": tool_digits,
         "files": {
             name: _counts(records, name in ("pmp.jsonl", "rm.jsonl", "rm_eval.jsonl"))
             for name, records in files.items()

@@ -331,11 +331,17 @@ def _pizza(r: random.Random) -> tuple:
     )
 
 
-def arithmetic(rng: random.Random, lang: str) -> Example:
-    """A word problem of one to three operations with a whole-number answer, and its worked reply."""
-    template = rng.choice(_TEMPLATES)
-    en, zh, ops, numbers = template(rng)
-    steps = solve(ops)
+def arithmetic(rng: random.Random, lang: str, max_number: int = 0) -> Example:
+    """A word problem of one to three operations with a whole-number answer, and its worked reply; with
+    `max_number`, one whose every number (in the question, the working and the answer) is at most that."""
+    for _ in range(10_000):
+        template = rng.choice(_TEMPLATES)
+        en, zh, ops, numbers = template(rng)
+        steps = solve(ops)
+        if not max_number or max(*numbers, *(n for a, _, b, c in steps for n in (a, b, c))) <= max_number:
+            break
+    else:
+        raise ValueError(f"no arithmetic problem keeps every number at or below max_number={max_number}; raise it.")
     labels = [[o.en, o.zh] for o in ops]
     return Example(
         kind="arithmetic",

@@ -219,18 +219,19 @@ def tool_transcript(code: str, observation: str, lang: str) -> str:
     )
 
 
-def tool_problem(rng: random.Random, lang: str) -> Example:
-    """Arithmetic on 4- to 7-digit numbers to answer with the code interpreter. The response is empty until the
-    code has run in the sandbox (see synthetic.with_observations)."""
+def tool_problem(rng: random.Random, lang: str, digits: int = 5) -> Example:
+    """Arithmetic to answer with the code interpreter: a `digits`-digit number times one a digit shorter (less
+    some number), or the sum of four to six numbers of `digits` + 1 to `digits` + 2 digits. The response is empty
+    until the code has run in the sandbox (see synthetic.with_observations)."""
     form = rng.choice(["product", "sum", "factory", "difference"])
-    a, b = rng.randint(10_000, 99_999), rng.randint(1_000, 9_999)
+    a, b = rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 2), 10 ** (digits - 1) - 1)
     if form == "sum":
-        numbers = tuple(rng.randint(100_000, 9_999_999) for _ in range(rng.randint(4, 6)))
+        numbers = tuple(rng.randint(10**digits, 10 ** (digits + 2) - 1) for _ in range(rng.randint(4, 6)))
         shown = ", ".join(map(str, numbers))
         questions = [f"What is the sum of {shown}?"], [f"求这些数的和：{shown}。"]
         code, value = f"print(sum([{shown}]))", sum(numbers)
     elif form == "difference":
-        c = rng.randint(100_000, 999_999)
+        c = rng.randint(10 ** (digits - 1), min(10 ** (digits + 1), a * b) - 1)
         numbers = (a, b, c)
         questions = [f"What is {a} × {b} - {c}?"], [f"{a} × {b} - {c} 等于多少？"]
         code, value = f"print({a} * {b} - {c})", a * b - c

@@ -40,10 +40,11 @@ class RMConfig(LoopConfig):
     data: str = ""  # the clean pairs of stage 2
     pmp_data: str = ""  # the large pairs set of stage 1 (preference-model pretraining); "" = no stage 1
     pmp_steps: int = 200
+    eval_data: str = ""  # held-out pairs both stages are scored on, all of them; "" = val_fraction of each stage's
     out: str = "runs/rm"  # writes rm/ (and rm-pmp/), checkpoints/, metrics/rm*.jsonl
     batch_size: int = 8  # pairs per micro-batch per process
     seq_length: int = 0  # 0 = the model's seq_length
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # held out of each stage's own data when there is no eval_data
     eval_batches: int = 8
     lr: float = 1e-5
     warmup_steps: int = 10
@@ -89,6 +90,7 @@ class RewardModel(nn.Module):
 @dataclass
 class Pairs:
     rows: list[list[int]]  # chosen, rejected, chosen, rejected, ...
+    kinds: list[str]  # per pair, the record's `rejection` (what is wrong with the rejected reply), or ""
     lines: int
     skipped: dict[str, int]
     examples: list[str]
@@ -118,10 +120,11 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Pairs
             raise Skip("bad record", f"not a preference pair ({exc})") from None
         if max(map(len, pair)) > max_tokens:
             raise Skip("too long", f"{max(map(len, pair))} tokens, more than seq_length {max_tokens}")
-        return pair
+        return pair, str(record.get("rejection") or "")
 
     read = read_records(path, convert, "pass a JSONL of {prompt, chosen, rejected}.")
-    return Pairs([row for pair in read.items for row in pair], read.lines, read.skipped, read.examples)
+    rows = [row for pair, _ in read.items for row in pair]
+    return Pairs(rows, [kind for _, kind in read.items], read.lines, read.skipped, read.examples)
 
 
 class PairBatches:
@@ -155,21 +158,28 @@ def reward_model(config: RMConfig, resume: bool = False) -> list[dict]:
     runtime = init_runtime(config.device)
     history: list[dict] = []
     try:
+        held = read_pairs(config.eval_data, tokenizer, max_tokens) if config.eval_data else None
         stages = [("rm-pmp", config.pmp_data, config.pmp_steps)] if config.pmp_data else []
         for name, data, steps in [*stages, ("rm", config.data, config.steps)]:
             pairs = read_pairs(data, tokenizer, max_tokens)
-            history += _stage(name, rm, pairs, tokenizer, config, steps, runtime, resume)
+            history += _stage(name, rm, pairs, held, tokenizer, config, steps, runtime, resume)
     finally:
         shutdown(runtime)
     return history
 
 
-def _stage(name, rm: RewardModel, pairs: Pairs, tokenizer, config: RMConfig, steps: int, runtime: Runtime, resume):
-    every = round(1 / config.val_fraction)
-    val = [i for i in range(len(pairs)) if i % every == every - 1]
-    train = [i for i in range(len(pairs)) if i % every != every - 1]
+def _stage(name, rm, pairs: Pairs, held: Pairs | None, tokenizer, config: RMConfig, steps, runtime: Runtime, resume):
+    """One stage's training; scored on `held` (all of it) or else on every 1/val_fraction-th pair of its data."""
+    if held is not None:
+        train, val, scored = list(range(len(pairs))), list(range(len(held))), held
+    else:
+        every = round(1 / config.val_fraction)
+        val = [i for i in range(len(pairs)) if i % every == every - 1]
+        train = [i for i in range(len(pairs)) if i % every != every - 1]
+        scored = pairs
     batches = PairBatches(pairs, train, config.batch_size, tokenizer.pad_id, config.seed)
-    held_out = PairBatches(pairs, val, config.batch_size, tokenizer.pad_id, 0) if val else None
+    held_out = PairBatches(scored, val, config.batch_size, tokenizer.pad_id, 0) if val else None
+    by_kind: dict[str, float] = {}  # the latest evaluation's accuracy per kind of rejected reply
 
     def batch(step: int, micro: int):
         ids, last = batches.get((step * config.grad_accum + micro) * runtime.world + runtime.rank)
@@ -183,10 +193,28 @@ def _stage(name, rm: RewardModel, pairs: Pairs, tokenizer, config: RMConfig, ste
         return torch.cat(out)
 
     def evaluate() -> dict:
-        count = min(config.eval_batches, held_out.per_epoch // runtime.world)
+        count = held_out.per_epoch // runtime.world
+        if held is None:
+            count = min(config.eval_batches, count)
         r = rewards(held_out, count)
         margin = r[0::2] - r[1::2]
         totals = runtime.sum(torch.stack([(margin > 0).sum().double(), margin.sum(), torch.tensor(len(margin))]))
+        # Which pair each margin belongs to: batch b of this rank is batch b * world + rank of the held-out order.
+        size = config.batch_size
+        members = [
+            held_out.indices[i]
+            for b in range(count)
+            for i in range((b * runtime.world + runtime.rank) * size, (b * runtime.world + runtime.rank + 1) * size)
+            if i < len(held_out.indices)
+        ]
+        names = sorted(set(scored.kinds[i] for i in val) - {""})
+        counts = torch.zeros(len(names), 2, dtype=torch.float64)
+        for i, m in zip(members, margin.tolist(), strict=True):
+            if scored.kinds[i]:
+                counts[names.index(scored.kinds[i])] += torch.tensor([float(m > 0), 1.0], dtype=torch.float64)
+        counts = runtime.sum(counts)
+        by_kind.clear()
+        by_kind.update({n: round((c[0] / c[1]).item(), 4) for n, c in zip(names, counts, strict=True) if c[1]})
         return {
             "val_accuracy": round((totals[0] / totals[2]).item(), 4),
             "val_margin": round((totals[1] / totals[2]).item(), 4),
@@ -194,7 +222,13 @@ def _stage(name, rm: RewardModel, pairs: Pairs, tokenizer, config: RMConfig, ste
 
     metadata = {
         "stage": name,
-        "pairs": {"lines": pairs.lines, "train": len(train), "val": len(val), "skipped": pairs.skipped},
+        "pairs": {
+            "lines": pairs.lines,
+            "train": len(train),
+            "val": len(val),
+            "val_from": config.eval_data if held is not None else "the stage's own data",
+            "skipped": pairs.skipped,
+        },
         "config": asdict(config),
     }
     stage = Stage(
@@ -225,6 +259,7 @@ def _stage(name, rm: RewardModel, pairs: Pairs, tokenizer, config: RMConfig, ste
     evaluation = [h for h in history if "val_accuracy" in h]
     if evaluation:
         metadata["val_accuracy"] = evaluation[-1]["val_accuracy"]
+        metadata["val_accuracy_by_rejection"] = dict(by_kind)
     trainer.export(trainer.latest() / "model")  # again, now with the reward statistics
     if runtime.main:
         print(f"{name}: wrote {trainer.publish(Path(config.out) / name)}")
