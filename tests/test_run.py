@@ -35,6 +35,7 @@ MICRO = [
     "tasks.pmp=24",
     "tasks.ppo=8",
     "tasks.eval_size=4",
+    "tasks.corpus=200",
     "sft.steps=2",
     "sft.seq_length=256",
     "rm.pmp_steps=1",
