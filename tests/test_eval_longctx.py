@@ -158,15 +158,17 @@ def test_long_context_tricks_hold_perplexity_past_the_training_length(trained):
     for L in (128, 256):
         assert ppl[("ntk", L)] < ppl[("baseline", L)], ppl
         assert ppl[("ntk_logn_window", L)] < ppl[("baseline", L)], ppl
+        assert ppl[("window", L)] < ppl[("baseline", L)], ppl
     assert result.metrics["ppl@256/ntk"] == ppl[("ntk", 256)]
 
     rows = result.table_md.splitlines()
     assert rows[0] == "| | 16 | 32 | 64 | 128 | 256 |" and rows[1] == "|---|---|---|---|---|---|"
-    assert [r.split(" | ")[0] for r in rows[2:6]] == [
+    assert [r.split(" | ")[0] for r in rows[2:7]] == [
         "| baseline",
         "| + dynamic NTK",
         "| + dynamic NTK + LogN",
         "| + dynamic NTK + LogN + window",
+        "| window alone",
     ]
     assert rows[2].split(" | ")[4] == f"{ppl[('baseline', 128)]:.2f}"
     png = result.files["longctx.png"]

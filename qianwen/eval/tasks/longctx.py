@@ -1,6 +1,8 @@
 """`longctx`: perplexity at multiples of the training length, with Qwen's inference-time long-context tricks
 (QWEN_SPEC.md section 2) switched on one after another: baseline, + dynamic NTK, + dynamic NTK + LogN,
-+ dynamic NTK + LogN + window.
++ dynamic NTK + LogN + window; and, after the report's four rows, the windows alone, which tell how much of the
+last row is the windows' doing (on the tiny recipe's model dynamic NTK costs perplexity once windows bound every
+attended distance: benchmarks/ANALYSIS.md).
 
 Held-out text comes from the same sources as `bpb` (data=DIR, files=A,B or --data-dir). For a context length L
 the text is cut into non-overlapping windows of L + 1 tokens and the model reads each window's first L tokens
@@ -66,6 +68,7 @@ VARIANTS = {  # metric key: (table row, switches)
     "ntk": ("+ dynamic NTK", (True, False, False)),
     "ntk_logn": ("+ dynamic NTK + LogN", (True, True, False)),
     "ntk_logn_window": ("+ dynamic NTK + LogN + window", (True, True, True)),
+    "window": ("window alone", (False, False, True)),
 }
 
 
