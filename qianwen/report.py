@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import qianwen
 from qianwen.report_render import Block, Code, Heading, Paragraph, Table, markdown, page
 from qianwen.report_sections import Section, duration, read_json, sections, summary_of
-from qianwen.run import NAMES
+from qianwen.run import NAMES, first_held_out
 from qianwen.util import atomic_write
 
 # ---------------------------------------------------------------------------
@@ -125,6 +126,8 @@ def commands(out: Path, found: dict[str, Section | None]) -> list[str]:
     final = out / ("ppo" if found.get("ppo") else "sft")
     summary = read_json(out / "eval" / f"{final.name}.json") or {}
     tasks = ",".join(t for t in summary.get("tasks", {}) if t != "longctx") or "arith"
+    tool = first_held_out(out / "tasks" / "tool_eval.jsonl")
+    question = tool["data"]["question"] if tool else "What is 31415 * 2718?"
     return [
         "# chat in the terminal",
         f"{cli} chat --model {final}",
@@ -134,7 +137,7 @@ def commands(out: Path, found: dict[str, Section | None]) -> list[str]:
         f"{cli} eval --model {final} --tasks {tasks} --data-dir {out / 'tasks'}",
         f"{cli} eval --model {out / 'base'} --tasks longctx data={out / 'data'}",
         "# answer with tools (ReAct)",
-        f"{cli} agent --model {final} --tools code_interpreter 'What is 31415 * 2718?'",
+        f"{cli} agent --model {final} --tools code_interpreter {shlex.quote(question)}",
     ]
 
 

@@ -466,12 +466,16 @@ def section_sample(out: Path) -> Section | None:
         return None
     base = samples["base"]
     chat = samples.get("chat")
+    held = " (a held-out tool question; the right answer is {})"
     blocks: list[Block] = [
-        Paragraph(f"base/ completes `{base['prompt'].strip()}`:"),
+        Paragraph(
+            f"base/ completes `{base['prompt'].strip()}`{held.format(base['answer']) if 'answer' in base else ''}:"
+        ),
         Code(base["prompt"] + base["completion"]),
     ]
     if chat:
-        blocks += [Paragraph(f'{chat["model"]}/ answers "{chat["prompt"]}":'), Code(chat["reply"])]
+        right = f" (held out; the right answer is {chat['answer']})" if "answer" in chat else ""
+        blocks += [Paragraph(f'{chat["model"]}/ answers "{chat["prompt"]}"{right}:'), Code(chat["reply"])]
     return Section(f"samples from base/ and {chat['model'] + '/' if chat else 'no chat model'}", "—", blocks)
 
 

@@ -536,21 +536,39 @@ def _reads(modules: dict, key: str) -> bool:
     return any(not hasattr(m, "OPTIONS") or bare in m.OPTIONS for m in modules.values())
 
 
+def first_held_out(path: Path) -> dict | None:
+    """The first English record of a held-out task file of the run, if there is one."""
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return next((r for r in map(json.loads, f) if r.get("lang") == "en"), None)
+
+
 def sample_stage(ctx: Context) -> None:
-    """The pretrained model completes code; the final chat model answers a question."""
+    """The pretrained model completes a held-out tool question in its pretraining text's form when it read the
+    tasks' text (else a line of code); the final chat model answers a held-out word problem."""
     out, device = ctx.out, _device(ctx.settings.eval.device)
+    tool = first_held_out(out / "tasks" / "tool_eval.jsonl") if ctx.settings.tasks.corpus else None
+    prompt, stop = (f"Question: {tool['data']['question']}\nAnswer:", "\n\n") if tool else (SAMPLE_PROMPT, None)
     model, tok = qianwen.load(out / "base", device=device)
-    completion = qianwen.generate(model, tok, tok.encode(SAMPLE_PROMPT), SAMPLE_TOKENS, stop_ids=[tok.eod_id])
-    samples = {"base": {"prompt": SAMPLE_PROMPT, "completion": completion.text}}
-    ctx.log("      base/ completes " + repr(SAMPLE_PROMPT) + ":")
-    for line in (SAMPLE_PROMPT + completion.text).splitlines()[:8]:
+    tokens = SAMPLE_TOKENS * 2 if tool else SAMPLE_TOKENS  # a whole ReAct transcript
+    completion = qianwen.generate(model, tok, tok.encode(prompt), tokens, stop_ids=[tok.eod_id], stop=stop)
+    samples = {"base": {"prompt": prompt, "completion": completion.text}}
+    if tool:
+        samples["base"]["answer"] = tool["answer"]
+    ctx.log("      base/ completes " + repr(prompt) + ":")
+    for line in (prompt + completion.text).splitlines()[:8]:
         ctx.log("        " + line)
     chat = next((d for d in ("ppo", "sft") if done(ctx, d)), None)
     if chat is not None:
+        arith = first_held_out(out / "tasks" / "arith_eval.jsonl")
+        question = arith["prompt"] if arith else CHAT_PROMPT
         model, tok = qianwen.load(out / chat, device=device)
-        reply = qianwen.generate(model, tok, tok.render_chat([{"role": "user", "content": CHAT_PROMPT}]), 64)
-        ctx.log(f"      {chat}/ answers {CHAT_PROMPT!r}: {reply.text!r}")
-        samples["chat"] = {"model": chat, "prompt": CHAT_PROMPT, "reply": reply.text}
+        reply = qianwen.generate(model, tok, tok.render_chat([{"role": "user", "content": question}]), 64)
+        ctx.log(f"      {chat}/ answers {question!r}: {reply.text!r}")
+        samples["chat"] = {"model": chat, "prompt": question, "reply": reply.text}
+        if arith:
+            samples["chat"]["answer"] = arith["answer"]
     atomic_write(out / SAMPLES, json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -135,6 +135,15 @@ def test_every_artefact_exists_and_loads(finished):
     assert len({w["targets"] for w in windows}) == 1  # every length scores the same span, whatever eval.limit
     samples = json.loads((out / "samples.json").read_text())
     assert samples["base"]["prompt"] and samples["chat"]["model"] == "ppo"
+    # held-out tasks: the base model reads a tool question as its pretraining text showed them, the chat model a
+    # word problem, each with its right answer beside it
+    held = {
+        n: [json.loads(x) for x in (out / "tasks" / f"{n}.jsonl").read_text().splitlines()]
+        for n in ("tool_eval", "arith_eval")
+    }
+    tool, arith = (next(r for r in held[n] if r["lang"] == "en") for n in ("tool_eval", "arith_eval"))
+    assert samples["base"]["prompt"] == f"Question: {tool['data']['question']}\nAnswer:"
+    assert samples["base"]["answer"] == tool["answer"] and samples["chat"]["answer"] == arith["answer"]
     ledger = json.loads((out / "run.json").read_text())
     assert list(ledger["stages"]) == list(NAMES) and all(s["seconds"] >= 0 for s in ledger["stages"].values())
 
