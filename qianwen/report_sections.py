@@ -466,11 +466,13 @@ def section_sample(out: Path) -> Section | None:
         return None
     base = samples["base"]
     chat = samples.get("chat")
-    held = " (a held-out tool question; the right answer is {})"
+    intro = (
+        f"base/ continues a held-out tool question in its pretraining text's form (the right answer is {base['answer']}):"
+        if "answer" in base
+        else f"base/ completes `{base['prompt'].strip()}`:"
+    )
     blocks: list[Block] = [
-        Paragraph(
-            f"base/ completes `{base['prompt'].strip()}`{held.format(base['answer']) if 'answer' in base else ''}:"
-        ),
+        Paragraph(intro),
         Code(base["prompt"] + base["completion"]),
     ]
     if chat:

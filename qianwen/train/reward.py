@@ -40,7 +40,7 @@ class RMConfig(LoopConfig):
     data: str = ""  # the clean pairs of stage 2
     pmp_data: str = ""  # the large pairs set of stage 1 (preference-model pretraining); "" = no stage 1
     pmp_steps: int = 200
-    eval_data: str = ""  # held-out pairs both stages are scored on, all of them; "" = val_fraction of each stage's
+    eval_data: str = ""  # held-out pairs both stages are scored on, all of them ("" = a val_fraction split)
     out: str = "runs/rm"  # writes rm/ (and rm-pmp/), checkpoints/, metrics/rm*.jsonl
     batch_size: int = 8  # pairs per micro-batch per process
     seq_length: int = 0  # 0 = the model's seq_length
@@ -136,12 +136,16 @@ class PairBatches:
         self.pairs, self.indices, self.batch_size, self.pad_id, self.seed = pairs, indices, batch_size, pad_id, seed
         self.per_epoch = math.ceil(len(indices) / batch_size)
 
-    def get(self, index: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def members(self, index: int, shuffle: bool = True) -> list[int]:
+        """The pairs of batch `index`."""
         epoch, position = divmod(index, self.per_epoch)
         order = self.indices
         if shuffle:
             order = [self.indices[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
-        members = order[position * self.batch_size : (position + 1) * self.batch_size]
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def get(self, index: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self.members(index, shuffle)
         rows = [self.pairs.rows[2 * i + side] for i in members for side in (0, 1)]
         ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
         for r, row in enumerate(rows):
@@ -199,14 +203,8 @@ def _stage(name, rm, pairs: Pairs, held: Pairs | None, tokenizer, config: RMConf
         r = rewards(held_out, count)
         margin = r[0::2] - r[1::2]
         totals = runtime.sum(torch.stack([(margin > 0).sum().double(), margin.sum(), torch.tensor(len(margin))]))
-        # Which pair each margin belongs to: batch b of this rank is batch b * world + rank of the held-out order.
-        size = config.batch_size
-        members = [
-            held_out.indices[i]
-            for b in range(count)
-            for i in range((b * runtime.world + runtime.rank) * size, (b * runtime.world + runtime.rank + 1) * size)
-            if i < len(held_out.indices)
-        ]
+        batches = [b * runtime.world + runtime.rank for b in range(count)]
+        members = [i for b in batches for i in held_out.members(b, shuffle=False)]
         names = sorted(set(scored.kinds[i] for i in val) - {""})
         counts = torch.zeros(len(names), 2, dtype=torch.float64)
         for i, m in zip(members, margin.tolist(), strict=True):
