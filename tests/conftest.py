@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -219,3 +222,25 @@ def write_token_shards(out, splits: dict[str, list[int]], tok) -> None:
         np.array(ids, dtype="<u4").tofile(out / f"{split}-00000.bin")
         index["splits"][split] = [{"file": f"{split}-00000.bin", "tokens": len(ids), "documents": 1}]
     (out / "index.json").write_text(json.dumps(index))
+
+
+def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m qianwen ARGS` under torchrun with gloo processes on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    # A new session, so a hung rank can be killed with the whole group rather than left behind.
+    proc = subprocess.Popen(
+        [*command, "-m", "qianwen", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 
 import qianwen
 from qianwen.cli import main
@@ -122,3 +123,33 @@ def test_resume_repeats_the_uninterrupted_run(setup):
         assert torch.equal(x, y), name
     lines = (setup / "resumed" / "metrics" / "ppo.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_torchrun_fsdp2_matches_one_process(setup):
+    """Two gloo processes under FSDP2, each sampling half of every step's prompts, against one process with
+    all of them: greedy replies make the rollouts alike, so the logged statistics and the trained policy must be
+    too. The two-process checkpoint then resumes in one process."""
+    common = (f"reward_model={setup / 'rm'}", "steps=3", "value_warmup_steps=1", "temperature=0", "ppo_epochs=2")
+    common += ("minibatch_size=16", "lr=3e-3", "value_lr=1e-3", "save_every=2")
+    one = ppo(load_config(None, settings(setup, "one", *common)))
+    proc = torchrun(["ppo", *settings(setup, "two", *common)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ppo step 3/3") == 1  # the first process alone reports
+    two = [json.loads(line) for line in (setup / "two" / "metrics" / "ppo.jsonl").read_text().splitlines()]
+
+    def same(a: list[dict], b: list[dict]) -> None:
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+        for x, y in zip(a, b):
+            for key in ("reward", "kl", "response_length", "ended_fraction", "value_loss", "policy_loss", "entropy"):
+                if key in x or key in y:
+                    assert y[key] == pytest.approx(x[key], abs=1e-4), (key, x, y)
+        a_model, _ = qianwen.load(setup / "one" / "ppo")
+        b_model, _ = qianwen.load(setup / "two" / "ppo")
+        for (name, p), q in zip(a_model.state_dict().items(), b_model.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+    same(one, two)
+    assert any(r["trained_policy"] for r in two) and not two[0]["trained_policy"]
+    assert (setup / "two" / "checkpoints" / "ppo" / "step-0000002" / "rng-1.pt").is_file()
+    resumed = ppo(load_config(None, settings(setup, "two", *common)), resume=True)
+    same(one, resumed)

@@ -82,3 +82,29 @@ def test_clipped_losses_on_a_hand_made_batch():
     assert value_loss(values2, old_values, returns, vmask, clip=0.15).item() == pytest.approx(
         0.5 * (0.36 + 1 + 0.1225) / 3
     )
+
+
+def test_a_batch_split_over_processes_gives_the_whole_batch_means():
+    """Each process's half divides by half the batch's tokens (`count`), and whitening sums its statistics over
+    both halves (`total`): the halves' averaged losses and the whitened halves equal the whole batch's."""
+    gen = torch.Generator().manual_seed(0)
+    B, T = 6, 7
+    mask = (torch.arange(T)[None] < torch.tensor([7, 2, 5, 1, 6, 3])[:, None]).float()  # uneven tokens per half
+    logp, old, adv, values, old_values, returns = (torch.randn(B, T, generator=gen) * mask for _ in range(6))
+    halves = [slice(0, 3), slice(3, 6)]
+    count = mask.sum() / 2
+    split = [policy_loss(logp[h], old[h], adv[h], mask[h], 0.2, count)[0] for h in halves]
+    assert (split[0] + split[1]).item() / 2 == pytest.approx(policy_loss(logp, old, adv, mask)[0].item(), rel=1e-6)
+    split = [value_loss(values[h], old_values[h], returns[h], mask[h], 0.15, count) for h in halves]
+    whole = value_loss(values, old_values, returns, mask)
+    assert (split[0] + split[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-6)
+
+    mean = (adv * mask).sum() / mask.sum()
+    for h, other in (halves, halves[::-1]):
+        # An all-reduce seen from process h: its own sums plus the other's (first the sum and the count, then
+        # the squared deviations).
+        theirs = iter(
+            [torch.stack([adv[other].sum(), mask[other].sum()]), ((adv[other] - mean) ** 2 * mask[other]).sum()]
+        )
+        got = masked_whiten(adv[h], mask[h], total=lambda t, theirs=theirs: t + next(theirs))
+        torch.testing.assert_close(got, masked_whiten(adv, mask)[h])

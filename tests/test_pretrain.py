@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_token_shards
+from conftest import torchrun, write_token_shards
 
 import qianwen
 from qianwen.cli import main
@@ -141,25 +137,9 @@ def test_torchrun_fsdp2_matches_one_process(data_dir, tmp_path):
     """Two gloo processes under FSDP2, each with half the batch, against one process with all of it."""
     common = ["steps=4", "log_every=1", "warmup_steps=1", "lr=3e-3", "eval_batches=1"]
     single = losses(run(data_dir, tmp_path / "one", *common, *SMALL[:-1], "batch_size=4"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     args = [f"data={data_dir}", f"out={tmp_path / 'two'}", *common, *SMALL[:-1], "batch_size=2"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    # A new session, so a hung rank can be killed with the whole group rather than left behind.
-    proc = subprocess.Popen(
-        [*command, "-m", "qianwen", "pretrain", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    proc = torchrun(["pretrain", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     two = metrics(tmp_path / "two")
     np.testing.assert_allclose(losses(two), single, atol=1e-5, rtol=0)
     one_val = [r for r in metrics(tmp_path / "one") if "val_loss" in r]

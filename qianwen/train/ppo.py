@@ -13,15 +13,20 @@ The policy and a frozen reference start from the SFT model; the value model star
 Metrics per step go to `<out>/metrics/ppo.jsonl`; the policy is written to `<out>/ppo/` as a HF directory.
 Every `save_every` steps the four models' trainable state (policy, value, both optimisers, the random streams
 and the metrics so far) goes to `<out>/checkpoints/ppo/step-N`; `resume` continues from the newest, and since
-each step's sampling is seeded by its number, a resumed run repeats the uninterrupted one. One process: PPO is
-not sharded with FSDP yet.
+each step's sampling is seeded by its number, a resumed run repeats the uninterrupted one.
+
+Under torchrun the four models are sharded with FSDP2 and each process samples and scores its share of the
+step's prompts (prompts_per_step and minibatch_size divide by the number of processes). Whitening, the
+losses' token means and the logged statistics are taken over the whole batch, so a step's update is that of
+one process holding all of it. Each process samples from its own whole copy of the policy, refreshed from
+the shards before every rollout: processes finish their replies after different numbers of tokens, which
+sharded parameters (gathered in lockstep at every forward) would not allow.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -31,18 +36,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import generate
 from qianwen.train.data import TokenShards, WindowSampler
 from qianwen.train.loop import (
+    LoopConfig,
     TrainingError,
+    _single_process_quiet,
     hf_export,
     init_runtime,
     latest_checkpoint,
+    prepare,
     rng_state,
     set_rng_state,
+    shutdown,
     write_model_dir,
 )
 from qianwen.train.ppo_math import gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
@@ -141,76 +151,116 @@ class Rollout:
     ended: torch.Tensor  # [N] bool
 
 
-def token_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, entropy: bool = False):
-    """Log-probabilities of the target tokens [N, L-1] (0 off the reply), and their entropies if asked; the
-    logits are made only at reply positions."""
-    hidden = model.hidden_states(tokens[:, :-1])
-    where = mask.bool()
-    logits = model.lm_head(hidden[where]).float()
-    logp_all = F.log_softmax(logits, dim=-1)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device)
-    out[where] = logp_all.gather(1, tokens[:, 1:][where][:, None]).squeeze(1)
-    if not entropy:
-        return out
-    ent = torch.zeros_like(out)
-    ent[where] = -(logp_all.exp() * logp_all).sum(-1)
-    return out, ent
+class PolicyScorer(nn.Module):
+    """The policy (or the frozen reference) as one module whose forward FSDP2 can gather for: the
+    log-probabilities of the reply tokens, or without a mask the mean next-token loss (PPO-ptx)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, entropy: bool = False):
+        """Log-probabilities of the target tokens [N, L-1] (0 off the reply), and their entropies if asked;
+        the logits are made only at reply positions."""
+        hidden = self.model.hidden_states(tokens[:, :-1])
+        if mask is None:
+            logits = self.model.lm_head(hidden).float()
+            return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        where = mask.bool()
+        logp_all = F.log_softmax(self.model.lm_head(hidden[where]).float(), dim=-1)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device)
+        out[where] = logp_all.gather(1, tokens[:, 1:][where][:, None]).squeeze(1)
+        if not entropy:
+            return out
+        ent = torch.zeros_like(out)
+        ent[where] = -(logp_all.exp() * logp_all).sum(-1)
+        return out, ent
 
 
 def token_values(value_model: RewardModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    hidden = value_model.model.hidden_states(tokens[:, :-1])
-    return value_model.score(hidden).squeeze(-1).float() * mask
+    return value_model(tokens[:, :-1], None) * mask
 
 
 class PPO:
     def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
         self.config = config
-        self.runtime = init_runtime(config.device)
-        if self.runtime.world > 1:
-            raise ValueError("ppo runs in one process for now; start it without torchrun.")
-        device = self.runtime.device
-        self.policy, self.tokenizer = qianwen.load(config.policy, dtype=torch.float32, device=device)
-        self.policy.requires_grad_(True)
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.runtime = runtime = init_runtime(config.device)
+        for name in ("prompts_per_step", "minibatch_size"):
+            if getattr(config, name) % runtime.world:
+                raise ValueError(
+                    f"{name}={getattr(config, name)} does not divide among {runtime.world} processes; "
+                    f"make it a multiple of {runtime.world}."
+                )
+        device = runtime.device
+        torch.manual_seed(config.seed)
+        model, self.tokenizer = qianwen.load(config.policy, dtype=torch.float32, device=device)
+        model.requires_grad_(True)
+        # Sampling needs whole parameters; with one process the policy's own are.
+        self.sampler = copy.deepcopy(model).requires_grad_(False).eval() if runtime.world > 1 else model
+        self.reference = PolicyScorer(copy.deepcopy(model)).requires_grad_(False).eval()
         self.reward_fn = reward_fn
         if reward_fn is None:
             if not config.reward_model:
                 raise ValueError("ppo.reward_model is not set; pass reward_model=DIR, a `qianwen rm` output.")
             self.reward, _, self.reward_stats = load_reward_model(config.reward_model, device=str(device))
-            self.reward.requires_grad_(False)
+            self.reward.requires_grad_(False).eval()
             self.value = copy.deepcopy(self.reward)
         else:  # a programmatic reward: the value model starts from the policy with a fresh head
             self.reward, self.reward_stats = None, {"mean": 0.0, "std": 1.0}
-            self.value = RewardModel(copy.deepcopy(self.policy), config.seed).to(device)
+            self.value = RewardModel(copy.deepcopy(model), config.seed).to(device)
         self.value.requires_grad_(True)
+        head = self.value.model.lm_head.weight
+        if head is not self.value.model.embed.weight:
+            head.requires_grad_(False)  # the value model reads its score head, never the output head
+        self.policy = PolicyScorer(model)
+        shard = LoopConfig(dtype="fp32")
+        for module in (self.policy, self.reference, self.value, self.reward):
+            if module is not None:
+                prepare(module, shard, runtime)
         betas = (0.9, 0.95)
         self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, betas=betas, weight_decay=0.0)
-        self.value_opt = torch.optim.AdamW(self.value.parameters(), lr=config.value_lr, betas=betas, weight_decay=0.0)
+        trainable = [p for p in self.value.parameters() if p.requires_grad]
+        self.value_opt = torch.optim.AdamW(trainable, lr=config.value_lr, betas=betas, weight_decay=0.0)
         self.prompts = read_prompts(config.prompts)
         self.ptx = None
         if config.ptx_coef:
             shards = TokenShards(config.ptx_data, "train")
-            self.ptx = WindowSampler(shards, self.policy.config.seq_length, seed=config.seed)
+            self.ptx = WindowSampler(shards, model.config.seq_length, seed=config.seed)
         self.metrics_path = Path(config.out) / "metrics" / "ppo.jsonl"
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over every process's share of the batch."""
+        return self.runtime.sum(value)
 
     # -- rollouts -------------------------------------------------------------
 
+    def refresh_sampler(self) -> None:
+        if self.sampler is self.policy.model:
+            return
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.policy.model)
+        self.sampler.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()})
+
     def rollout(self, step: int) -> Rollout:
-        config, tok, device = self.config, self.tokenizer, self.runtime.device
+        config, tok, device, runtime = self.config, self.tokenizer, self.runtime.device, self.runtime
         rng = np.random.default_rng([config.seed, step])
         chosen = rng.choice(
             len(self.prompts), size=config.prompts_per_step, replace=len(self.prompts) < config.prompts_per_step
         )
-        prompts = [tok.render_chat(self.prompts[i]) for i in chosen for _ in range(config.samples_per_prompt)]
-        self.policy.eval()
+        share = config.prompts_per_step // runtime.world
+        mine = chosen[runtime.rank * share : (runtime.rank + 1) * share]
+        prompts = [tok.render_chat(self.prompts[i]) for i in mine for _ in range(config.samples_per_prompt)]
+        self.refresh_sampler()
+        self.sampler.eval()
         completions = generate(
-            self.policy,
+            self.sampler,
             tok,
             prompts,
             config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
-            seed=config.seed * 100_003 + step,
+            seed=config.seed * 100_003 + step + 7_919 * runtime.rank,
             stop_ids=[tok.im_end_id],
         )
         ended = [c.finish_reason == "stop" for c in completions]
@@ -236,14 +286,16 @@ class PPO:
     # -- one step -------------------------------------------------------------
 
     def step(self, step: int) -> dict:
-        config, device = self.config, self.runtime.device
+        config, runtime = self.config, self.runtime
+        device = runtime.device
         start = time.perf_counter()
         ro = self.rollout(step)
         mask = ro.mask
         with torch.no_grad():
-            old_logp = token_logprobs(self.policy, ro.tokens, mask)
-            ref_logp = token_logprobs(self.reference, ro.tokens, mask)
+            self.policy.eval()
             self.value.eval()
+            old_logp = self.policy(ro.tokens, mask)
+            ref_logp = self.reference(ro.tokens, mask)
             old_values = token_values(self.value, ro.tokens, mask)
             kl = kl_estimate(old_logp, ref_logp, config.kl_estimator) * mask
             normalised = (ro.scores - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-6)
@@ -251,45 +303,53 @@ class PPO:
             rewards = -config.kl_coef * kl
             rewards[torch.arange(len(mask)), ro.last.to(device)] += final.to(device)
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, total=self.total)
         train_policy = step >= config.value_warmup_steps
         self.policy.train()
         self.value.train()
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
-        order_rng = np.random.default_rng([config.seed, step, 1])
+        seed = [config.seed, step, 1] + ([runtime.rank] if runtime.rank else [])
+        order_rng = np.random.default_rng(seed)
         for _ in range(config.ppo_epochs):
             order = torch.from_numpy(order_rng.permutation(len(mask)))
-            for chunk in order.split(config.minibatch_size):
+            for chunk in order.split(config.minibatch_size // runtime.world):
                 m = mask[chunk]
+                # A process's token means divide by the whole minibatch's tokens (over the processes, whose
+                # gradients FSDP averages), so every reply token weighs the same wherever it was sampled.
+                count = self.total(m.sum()) / runtime.world
                 values = token_values(self.value, ro.tokens[chunk], m)
-                v_loss = value_loss(values, old_values[chunk], returns[chunk], m, config.value_clip)
+                v_loss = value_loss(values, old_values[chunk], returns[chunk], m, config.value_clip, count)
                 self.value_opt.zero_grad(set_to_none=True)
                 v_loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.value.parameters(), config.grad_clip)
                 self.value_opt.step()
-                stats["value_loss"].append(v_loss.item())
+                stats["value_loss"].append(runtime.mean(v_loss.detach()).item())
                 if not train_policy:
                     continue
-                logp, entropy = token_logprobs(self.policy, ro.tokens[chunk], m, entropy=True)
-                p_loss, clip_frac = policy_loss(logp, old_logp[chunk], advantages[chunk], m, config.clip)
+                logp, entropy = self.policy(ro.tokens[chunk], m, entropy=True)
+                p_loss, clip_frac = policy_loss(logp, old_logp[chunk], advantages[chunk], m, config.clip, count)
                 loss = p_loss + (config.ptx_coef * self._ptx_loss(step) if self.ptx else 0.0)
-                if not torch.isfinite(loss):
+                if not torch.isfinite(runtime.sum(loss.detach())):
                     raise TrainingError(f"the policy loss became {loss.item()} at step {step + 1}; lower lr.")
                 self.policy_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
                 self.policy_opt.step()
-                stats["policy_loss"].append(p_loss.item())
-                stats["clip_frac"].append(clip_frac.item())
-                stats["entropy"].append(masked_mean(entropy, m).item())
-        lengths = mask.sum(1)
+                stats["policy_loss"].append(runtime.mean(p_loss.detach()).item())
+                stats["clip_frac"].append(runtime.mean(clip_frac).item())
+                stats["entropy"].append(runtime.mean(masked_mean(entropy.detach(), m, count)).item())
+
+        # Every process holds as many replies, so the mean of the processes' means is the batch's.
+        def batch_mean(x: torch.Tensor) -> float:
+            return runtime.mean(x.float().mean().to(device)).item()
+
         record = {
             "step": step + 1,
-            "reward": round(ro.scores.mean().item(), 6),
-            "reward_normalised": round(final.mean().item(), 6),
-            "kl": round((kl.sum(1)).mean().item(), 6),
-            "response_length": round(lengths.mean().item(), 2),
-            "ended_fraction": round(ro.ended.float().mean().item(), 4),
+            "reward": round(batch_mean(ro.scores), 6),
+            "reward_normalised": round(batch_mean(final), 6),
+            "kl": round(batch_mean(kl.sum(1)), 6),
+            "response_length": round(batch_mean(mask.sum(1)), 2),
+            "ended_fraction": round(batch_mean(ro.ended), 4),
             "trained_policy": train_policy,
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -297,9 +357,9 @@ class PPO:
         return record
 
     def _ptx_loss(self, step: int) -> torch.Tensor:
-        tokens = self.ptx.batch(step * self.config.minibatch_size, self.config.minibatch_size).to(self.runtime.device)
-        logits = self.policy(tokens[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        mb = self.config.minibatch_size // self.runtime.world
+        index = (step * self.runtime.world + self.runtime.rank) * mb
+        return self.policy(self.ptx.batch(index, mb).to(self.runtime.device))
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -308,47 +368,68 @@ class PPO:
         return Path(self.config.out) / "checkpoints" / "ppo"
 
     def latest(self) -> Path | None:
-        return latest_checkpoint(self.checkpoints, "state.pt")
+        return latest_checkpoint(self.checkpoints, "trainer.json")
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        policy, policy_opt = get_state_dict(self.policy, self.policy_opt)
+        value, value_opt = get_state_dict(self.value, self.value_opt)
+        return {"policy": policy, "policy_opt": policy_opt, "value": value, "value_opt": value_opt}
 
     def save(self, step: int, history: list[dict]) -> Path:
-        """The state after `step` steps, written whole (a `.tmp` directory renamed) before `latest` points at it."""
+        """The trainable state after `step` steps (the policy, the value model and their optimisers, through
+        torch.distributed.checkpoint so any number of processes can load it) and each process's random
+        streams, written whole (a `.tmp` directory renamed) before `latest` points at it."""
+        from torch.distributed.checkpoint import save as dcp_save
+
+        runtime = self.runtime
         name = f"step-{step:07d}"
         final, tmp = self.checkpoints / name, self.checkpoints / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {
-            "step": step,
-            "history": history,
-            "policy": self.policy.state_dict(),
-            "value": self.value.state_dict(),
-            "policy_opt": self.policy_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict(),
-            "rng": rng_state(),
-        }
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write(self.checkpoints / "latest", name)
-        for old in self.checkpoints.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)  # one checkpoint is enough to resume; they are large
+        if runtime.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        runtime.barrier()
+        with _single_process_quiet():
+            dcp_save(self._state(), checkpoint_id=tmp / "state")
+        torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
+        runtime.barrier()
+        if runtime.main:
+            trainer = {"stage": "ppo", "step": step, "world_size": runtime.world, "history": history}
+            atomic_write(tmp / "trainer.json", json.dumps(trainer))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            atomic_write(self.checkpoints / "latest", name)
+            for old in self.checkpoints.glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)  # one checkpoint is enough to resume; they are large
+        runtime.barrier()
         return final
 
     def resume(self) -> tuple[int, list[dict]]:
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         path = self.latest()
-        state = torch.load(path / "state.pt", map_location=self.runtime.device, weights_only=False)
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.value_opt.load_state_dict(state["value_opt"])
-        set_rng_state(state["rng"])
-        print(f"ppo: resumed from {path} (step {state['step']})")
-        return state["step"], state["history"]
+        trainer = json.loads((path / "trainer.json").read_text())
+        state = self._state()
+        with _single_process_quiet():
+            dcp_load(state, checkpoint_id=path / "state")
+        set_state_dict(
+            self.policy, self.policy_opt, model_state_dict=state["policy"], optim_state_dict=state["policy_opt"]
+        )
+        set_state_dict(self.value, self.value_opt, model_state_dict=state["value"], optim_state_dict=state["value_opt"])
+        rng = path / f"rng-{self.runtime.rank}.pt"
+        if rng.is_file():  # a process that did not exist then keeps its seed
+            set_rng_state(torch.load(rng, weights_only=False))
+        if self.runtime.main:
+            print(f"ppo: resumed from {path} (step {trainer['step']})")
+        return trainer["step"], trainer["history"]
 
     # -- the run ----------------------------------------------------------------
 
     def run(self, resume: bool = False) -> list[dict]:
-        config = self.config
+        config, runtime = self.config, self.runtime
         if self.latest() is not None and not resume:
             raise ValueError(
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue, or another out=."
@@ -356,28 +437,49 @@ class PPO:
         start, history = (0, []) if self.latest() is None else self.resume()
         if start == 0:
             torch.manual_seed(config.seed)
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "w", encoding="utf-8") as log:
+        log = None
+        if runtime.main:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.metrics_path, "w", encoding="utf-8")
             log.writelines(json.dumps(record) + "\n" for record in history)
+        try:
             for step in range(start, config.steps):
                 record = self.step(step)
                 history.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(
-                    f"ppo step {record['step']}/{config.steps}: reward {record['reward']:.3f} "
-                    f"kl {record['kl']:.3f} length {record['response_length']:.1f} ended {record['ended_fraction']:.2f}"
-                )
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    print(
+                        f"ppo step {record['step']}/{config.steps}: reward {record['reward']:.3f} kl {record['kl']:.3f} "
+                        f"length {record['response_length']:.1f} ended {record['ended_fraction']:.2f}"
+                    )
                 if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
                     self.save(step + 1, history)
+        finally:
+            if log:
+                log.close()
+        self.export(history)
+        return history
+
+    def export(self, history: list[dict]) -> None:
+        """The policy as a HF directory: gathered whole, written by the first process."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.runtime.main:
+            return
         out = Path(self.config.out) / "ppo"
         metadata = {"stage": "ppo", "config": asdict(self.config), "final": history[-1]}
-        state = {f"model.{k}": v.detach().cpu() for k, v in self.policy.state_dict().items()}
-        write_model_dir(out, lambda tmp: hf_export(self.policy.config, self.tokenizer, metadata)(state, tmp))
-        atomic_write(Path(self.config.out) / "ppo" / "ppo_summary.json", json.dumps(history[-1], indent=2))
+        export = hf_export(self.policy.model.config, self.tokenizer, metadata)
+        write_model_dir(out, lambda tmp: export(state, tmp))
+        atomic_write(out / "ppo_summary.json", json.dumps(history[-1], indent=2))
         print(f"ppo: wrote {out}")
-        return history
 
 
 def ppo(config: PPOConfig, reward_fn: RewardFn | None = None, resume: bool = False) -> list[dict]:
-    return PPO(config, reward_fn).run(resume)
+    """Train; returns the metrics records. Every process of a torchrun job calls this."""
+    trainer = PPO(config, reward_fn)
+    try:
+        return trainer.run(resume)
+    finally:
+        shutdown(trainer.runtime)

@@ -3,17 +3,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the unmasked entries of the whole batch; padding stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over the unmasked entries; with `count`, the sum divided by it instead (a process's share of
+    a batch spread over several, so that the processes' averaged gradients are those of the whole batch)."""
+    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total: Callable[[torch.Tensor], torch.Tensor] = identity
+) -> torch.Tensor:
+    """Zero mean, unit variance over the unmasked entries of the whole batch; padding stays 0. `total` sums a
+    tensor over the processes that hold the rest of the batch."""
+    sums = total(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = sums[0] / sums[1].clamp(min=1)
+    var = total(((x - mean) ** 2 * mask).sum()) / sums[1].clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -47,19 +59,29 @@ def gae(
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped surrogate loss and the fraction of tokens where clipping was active."""
+    """The clipped surrogate loss and the fraction of tokens where clipping was active (means as masked_mean's)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count)
+    return loss, masked_mean((clipped > unclipped).float(), mask, count)
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.15
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.15,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Half the larger of the squared errors of the new values and of the values clipped near the old ones."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, count)

@@ -67,7 +67,8 @@ def load_config(recipe_path: str | None, overrides: list[str]) -> RMConfig:
 
 class RewardModel(nn.Module):
     """The transformer and a scalar head at the last token. forward(ids, last) is the pairwise loss of a
-    batch whose rows alternate chosen, rejected; with pairwise=False, the rewards of every row."""
+    batch whose rows alternate chosen, rejected; with pairwise=False, the rewards of every row; with last=None,
+    the score at every position. Every use goes through forward, where FSDP2 gathers the parameters."""
 
     def __init__(self, model: Transformer, seed: int = 0):
         super().__init__()
@@ -79,8 +80,10 @@ class RewardModel(nn.Module):
                 torch.randn(self.score.weight.shape, generator=gen) / math.sqrt(model.config.hidden_size + 1)
             )
 
-    def forward(self, ids: torch.Tensor, last: torch.Tensor, pairwise: bool = True) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, last: torch.Tensor | None, pairwise: bool = True) -> torch.Tensor:
         hidden = self.model.hidden_states(ids)
+        if last is None:  # the score at every position: PPO's value model
+            return self.score(hidden).squeeze(-1).float()
         rewards = self.score(hidden[torch.arange(len(ids), device=ids.device), last]).squeeze(-1).float()
         if not pairwise:
             return rewards
