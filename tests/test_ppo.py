@@ -56,10 +56,11 @@ def settings(root: Path, out: str, *more: str) -> list[str]:
 
 def test_a_programmatic_reward_rises(setup):
     config = load_config(
-        None, settings(setup, "a", "steps=20", "value_warmup_steps=2", "lr=3e-3", "value_lr=1e-3", "ppo_epochs=2")
+        None, settings(setup, "a", "steps=30", "value_warmup_steps=2", "lr=1e-2", "value_lr=1e-3", "ppo_epochs=4")
     )
     rewards = [r["reward"] for r in ppo(config, reward_fn=ascii_share)]
-    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.05, rewards
+    # From about 0.45 to 0.85-1.0 on seeds 0-3; a tenth of that rise would be noise.
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.2, rewards
 
 
 def test_value_warmup_leaves_the_policy_unchanged(setup):

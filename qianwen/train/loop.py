@@ -54,7 +54,7 @@ class LoopConfig:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto = cuda:<local rank> when there is a GPU, else cpu
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere; or fp32 / bf16
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with AMX, fp32 elsewhere; or fp32 / bf16
     compile: bool = False
     activation_checkpointing: bool = False
     log_every: int = 10
@@ -182,8 +182,17 @@ def prepare(module: nn.Module, config: LoopConfig, runtime: Runtime) -> nn.Modul
     return module
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX): there bf16 autocast trains the tiny
+    recipe's model 1.4x faster than fp32 (benchmarks/ANALYSIS.md); elsewhere bf16 is emulated, and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
-    if config.dtype == "bf16" or (config.dtype == "auto" and runtime.device.type == "cuda"):
+    """bf16 when asked, or under `auto` where the hardware computes in it (CUDA, AMX CPUs); else None (fp32)."""
+    native = runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
+    if config.dtype == "bf16" or (config.dtype == "auto" and native):
         return torch.bfloat16
     return None
 
@@ -201,8 +210,9 @@ def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device) 
     )
 
 
-def peak_flops(config: LoopConfig, device: torch.device) -> float | None:
-    """FLOP/s the hardware can do: the configured peak, a known GPU's, or a CPU's measured fp32 matmul rate."""
+def peak_flops(config: LoopConfig, device: torch.device, dtype: torch.dtype | None = None) -> float | None:
+    """FLOP/s the hardware can do: the configured peak, a known GPU's, or a CPU's measured matmul rate in the
+    dtype the training computes in (`dtype`, None for fp32)."""
     if config.peak_tflops:
         return config.peak_tflops * 1e12
     if device.type == "cuda":
@@ -212,7 +222,7 @@ def peak_flops(config: LoopConfig, device: torch.device) -> float | None:
         return None
     n = 1024
     gen = torch.Generator().manual_seed(0)  # its own stream: timing must not move the training's randomness
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = (torch.randn(n, n, generator=gen).to(dtype or torch.float32) for _ in range(2))
     a @ b
     best = math.inf
     for _ in range(5):
@@ -408,7 +418,7 @@ class Trainer:
             self.metrics_path.unlink()  # a run that never reached a checkpoint starts over
         if self.step == 0:  # dropout's randomness; a resumed run has its saved RNG state instead
             torch.manual_seed(config.seed + self.runtime.rank)
-        peak = peak_flops(config, self.runtime.device)
+        peak = peak_flops(config, self.runtime.device, self.autocast)
         self.module.train()
         progress = _progress(config.steps, self.step, self.runtime.main)
         window_start, window_steps = time.perf_counter(), 0
