@@ -3,9 +3,10 @@ release that still shipped the original `PPOTrainer` beside it) on the same HF-f
 and the same ChatML prompts. A step = 16 replies of 48 sampled tokens (8 prompts x 2 samples for us, 16 prompts
 for TRL), scored by the reward model, one PPO epoch in minibatches of 8, policy and value updated, KL 0.04 to
 the frozen reference. TRL runs in its own virtual environment (it needs transformers 4.46), started from here;
-every reply runs to its length limit (random weights), so both sides do the same work. Goal: >= 2x faster.
+every reply runs to its length limit (random weights), so both sides do the same work. Both sides run in fp32
+and again under bf16 autocast (which a CPU with AMX computes in hardware). Goal: >= 2x faster.
 
-    python -m benchmarks.bench_ppo --trl-python /tmp/trlvenv/bin/python [--steps 6]
+    python -m benchmarks.bench_ppo --trl-python /tmp/trlvenv/bin/python [--steps 6] [--dtypes fp32,bf16]
 """
 
 from __future__ import annotations
@@ -52,54 +53,59 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-10m")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtypes", default="fp32,bf16", help="each side in each: fp32, or bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    rows, ratios = [], {}
     work = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
     try:
         policy, reward, tok = export(work, args.model)
         (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
         ids = [tok.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
         (work / "ids.jsonl").write_text("".join(json.dumps({"input_ids": i}) + "\n" for i in ids))
-
-        overrides = [
-            f"policy={policy}", f"reward_model={reward}", f"prompts={work / 'prompts.jsonl'}", f"out={work / 'ours'}",
-            f"steps={args.steps}", "prompts_per_step=8", "samples_per_prompt=2", "max_new_tokens=48",
-            "ppo_epochs=1", "minibatch_size=8", "value_warmup_steps=0", "temperature=1.0", "top_p=1.0",
-            "kl_coef=0.04", "lr=1e-5", "value_lr=1e-5", "no_end_penalty=1.0", "device=cpu",
-        ]  # fmt: skip
-        history = ppo(load_config(None, overrides))
-        ours = [r["seconds"] for r in history]
-        tokens = [r["response_length"] for r in history]
-
-        peer = subprocess.run(
-            [
-                args.trl_python, str(Path(__file__).with_name("trl_ppo_peer.py")),
-                "--policy", str(policy), "--reward", str(reward), "--prompts", str(work / "ids.jsonl"),
-                "--steps", str(args.steps), "--stop-id", str(tok.im_end_id), "--threads", str(args.threads),
-            ],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if peer.returncode != 0:
-            raise SystemExit(f"the TRL side failed:\n{peer.stderr[-3000:]}")
-        theirs = json.loads(peer.stdout.strip().splitlines()[-1])["seconds"]
+        for dtype in args.dtypes.split(","):
+            overrides = [
+                f"policy={policy}", f"reward_model={reward}", f"prompts={work / 'prompts.jsonl'}",
+                f"out={work / ('ours-' + dtype)}", f"steps={args.steps}", "prompts_per_step=8", "samples_per_prompt=2",
+                "max_new_tokens=48", "ppo_epochs=1", "minibatch_size=8", "value_warmup_steps=0", "temperature=1.0",
+                "top_p=1.0", "kl_coef=0.04", "lr=1e-5", "value_lr=1e-5", "no_end_penalty=1.0", "device=cpu",
+                f"dtype={dtype}",
+            ]  # fmt: skip
+            history = ppo(load_config(None, overrides))
+            ours = [r["seconds"] for r in history]
+            peer = subprocess.run(
+                [
+                    args.trl_python, str(Path(__file__).with_name("trl_ppo_peer.py")),
+                    "--policy", str(policy), "--reward", str(reward), "--prompts", str(work / "ids.jsonl"),
+                    "--steps", str(args.steps), "--stop-id", str(tok.im_end_id), "--threads", str(args.threads),
+                    "--dtype", dtype,
+                ],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if peer.returncode != 0:
+                raise SystemExit(f"the TRL side failed:\n{peer.stderr[-3000:]}")
+            theirs = json.loads(peer.stdout.strip().splitlines()[-1])["seconds"]
+            # The first step of each side pays for warm-up (allocations, first kernels): the median of the rest.
+            mine, peer_s = statistics.median(ours[1:]), statistics.median(theirs[1:])
+            ratios[dtype] = peer_s / mine
+            rows += [
+                {
+                    "impl": "qianwen ppo", "dtype": dtype, "steps": len(ours), "seconds_per_step": round(mine, 3),
+                    "reply_tokens": history[-1]["response_length"], "speedup": round(ratios[dtype], 2),
+                },
+                {"impl": "trl 0.11.4 PPOv2Trainer", "dtype": dtype, "steps": len(theirs), "seconds_per_step": round(peer_s, 3)},
+            ]  # fmt: skip
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n")
+            print(f"qianwen ppo ({dtype}): {ratios[dtype]:.2f}x TRL's step time")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    # The first step of each side pays for warm-up (allocations, first kernels): the median of the rest.
-    mine, peer_s = statistics.median(ours[1:]), statistics.median(theirs[1:])
-    rows = [
-        {"impl": "qianwen ppo", "steps": len(ours), "seconds_per_step": round(mine, 3), "reply_tokens": tokens[-1]},
-        {"impl": "trl 0.11.4 PPOv2Trainer", "steps": len(theirs), "seconds_per_step": round(peer_s, 3)},
-    ]
-    ratio = peer_s / mine
-    rows[0]["speedup"] = round(ratio, 2)
-    for row in rows:
-        print(json.dumps(row))
-    print(f"qianwen ppo: {ratio:.2f}x TRL's step time")
+    speedups = ", ".join(f"{ratio:.2f}x in {dtype}" for dtype, ratio in ratios.items())
     notes = (
         f"{args.model} with random weights, 16 replies x 48 tokens a step, one epoch in minibatches of 8, "
-        f"{args.threads} torch thread(s); median step time after the first. Speedup {ratio:.2f}x."
+        f"{args.threads} torch thread(s); median step time after the first; bf16 = autocast on both sides "
+        f"(TRL's bf16=True). Speedup {speedups}."
     )
     write_result("ppo", rows, "python -m benchmarks.bench_ppo " + " ".join(sys.argv[1:]), notes)
 

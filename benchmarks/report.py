@@ -206,11 +206,14 @@ def main() -> None:
         )
     ppo_result = load("ppo")
     if ppo_result:
-        rows = [[r["impl"], r["steps"], r["seconds_per_step"], r.get("speedup", "")] for r in ppo_result["rows"]]
+        rows = [
+            [r["impl"], r.get("dtype", "fp32"), r["steps"], r["seconds_per_step"], r.get("speedup", "")]
+            for r in ppo_result["rows"]
+        ]
         parts.append(
             "## PPO step: `qianwen ppo` vs TRL's four-model PPO (goal: >= 2x faster)\n\n"
             f"{env_line(ppo_result)}\n\n"
-            + table(["implementation", "steps", "seconds per step", "speedup"], rows)
+            + table(["implementation", "dtype", "steps", "seconds per step", "speedup"], rows)
             + f"\n\n{ppo_result['notes']}\n"
         )
     analysis = Path(__file__).with_name("ANALYSIS.md")

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--stop-id", type=int, required=True)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: TRL's bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -71,6 +72,7 @@ def main() -> None:
             save_strategy="no",
             logging_steps=10**9,
             use_cpu=True,
+            bf16=args.dtype == "bf16",
             seed=0,
         )
         times = StepTimes()

@@ -742,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary, sections, func in training:
         description = f"Settings come from the recipe's {sections}; KEY=VALUE overrides follow the recipe."
         p = commands.add_parser(name, help=summary, description=description)
-        p.add_argument("--recipe", metavar="FILE", help="TOML recipe (see qianwen/recipes/)")
+        p.add_argument("--recipe", metavar="NAME", help="a recipe name in qianwen/recipes/ (tiny ...) or a .toml path")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         p.set_defaults(func=func)

@@ -168,9 +168,14 @@ def read_toml(path: str | os.PathLike, flag: str) -> dict:
 
 
 def load_recipe(path: str | os.PathLike | None) -> dict:
-    """A whole-run recipe ({} with no file); its top-level tables must be known sections."""
+    """A whole-run recipe ({} with no file), by path or by name in qianwen/recipes/ (tiny, small ...); its
+    top-level tables must be known sections."""
     if path is None:
         return {}
+    if Path(path).suffix != ".toml" and not Path(path).is_file():
+        from qianwen.recipe import recipe_path
+
+        path = recipe_path(str(path))
     recipe = read_toml(path, "--recipe")
     unknown = sorted(set(recipe) - set(SECTIONS))
     if unknown:

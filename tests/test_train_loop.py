@@ -14,6 +14,7 @@ import torch
 
 from qianwen.config import apply_overrides, build, parse_value, preset
 from qianwen.model import Transformer
+from qianwen.recipe import RECIPES
 from qianwen.train.data import TokenShards, WindowSampler
 from qianwen.train.loop import LoopConfig, lr_at, make_optimizer
 from qianwen.train.pretrain import PretrainConfig, load_config
@@ -80,6 +81,11 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("[pretrain\nlr = 1")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config(str(bad), [])
+    with pytest.raises(
+        ValueError, match=re.escape("unknown recipe 'tinyy'; use one of ['qwen-1.8b', 'small', 'tiny']")
+    ):
+        load_config("tinyy", [])
+
     odd = tmp_path / "odd.toml"
     odd.write_text("[pretrian]\nlr = 1\n")
     with pytest.raises(ValueError, match="unknown section"):
@@ -89,6 +95,10 @@ def test_recipe_file_errors(tmp_path):
     config, model = load_config(str(good), ["steps=7"])
     assert isinstance(config, PretrainConfig) and config.lr == 1e-3 and config.steps == 7
     assert model == {"preset": "tiny-1m"}
+
+
+def test_a_recipe_by_name_is_the_shipped_file():
+    assert load_config("tiny", ["data=somewhere"]) == load_config(str(RECIPES / "tiny.toml"), ["data=somewhere"])
 
 
 def write_shards(directory, splits: dict[str, list[np.ndarray]], vocab_size=300, eod_id=299):
