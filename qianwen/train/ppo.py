@@ -223,10 +223,10 @@ class PPO:
         for module in (self.policy, self.reference, self.value, self.reward):
             if module is not None:
                 prepare(module, shard, runtime)
-        betas = (0.9, 0.95)
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, betas=betas, weight_decay=0.0)
+        adam = {"betas": (0.9, 0.95), "weight_decay": 0.0, "fused": device.type in ("cuda", "cpu") or None}
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, **adam)
         trainable = [p for p in self.value.parameters() if p.requires_grad]
-        self.value_opt = torch.optim.AdamW(trainable, lr=config.value_lr, betas=betas, weight_decay=0.0)
+        self.value_opt = torch.optim.AdamW(trainable, lr=config.value_lr, **adam)
         self.prompts = read_prompts(config.prompts)
         self.ptx = None
         if config.ptx_coef:
