@@ -15,7 +15,7 @@ from transformers import Qwen2ForCausalLM
 import qianwen
 from qianwen.checkpoint import save_model
 from qianwen.config import ModelConfig, preset
-from qianwen.model import Transformer, logn_factors, ntk_alpha, ntk_base
+from qianwen.model import KVCache, Transformer, logn_factors, ntk_alpha, ntk_base
 
 CONFIGS = {
     "mha-bias": ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96),
@@ -163,6 +163,21 @@ def test_left_padded_batch_equals_each_prompt_alone():
     batch = qianwen.generate(model, None, prompts, 12, stop_ids=[])
     for prompt, completion in zip(prompts, batch):
         assert completion.token_ids == qianwen.generate(model, None, prompt, 12, stop_ids=[]).token_ids
+
+
+def test_rows_that_stop_leave_the_batch_and_the_rest_decode_as_alone(monkeypatch):
+    model = random_model(CONFIGS["gqa"], seed=4)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [11], [20, 21, 22, 23]]
+    alone = [qianwen.generate(model, None, p, 12, stop_ids=[]).token_ids for p in prompts]
+    stops = [alone[0][1], alone[1][2]]  # the first two rows end after two or three tokens
+    selects = []
+    original = KVCache.select
+    monkeypatch.setattr(KVCache, "select", lambda cache, index: selects.append(len(index)) or original(cache, index))
+    batch = qianwen.generate(model, None, prompts, 12, stop_ids=stops)
+    assert selects, "no row left the batch"
+    for prompt, completion in zip(prompts, batch):
+        assert completion.token_ids == qianwen.generate(model, None, prompt, 12, stop_ids=stops).token_ids
+    assert batch[0].finish_reason == "stop" and len(batch[0].token_ids) <= 1
 
 
 def test_padded_forward_matches_unpadded_rows():

@@ -21,7 +21,6 @@ windows for perplexity, and <|endoftext|> as the context of an empty prompt. Wha
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -37,7 +36,6 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import qianwen
-from qianwen.model import KVCache
 from qianwen.tokenizer import CHAT_TEMPLATE
 from qianwen.util import atomic_write
 
@@ -251,7 +249,7 @@ class QianwenLM(TemplateLM):
             for row, (_, tail) in enumerate(rows):
                 ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
                 mask[row, : len(tail)] = 1
-            tails = self.model.hidden_states(ids.to(self.device), mask.to(self.device), _select_rows(cache, index))
+            tails = self.model.hidden_states(ids.to(self.device), mask.to(self.device), cache.select(index))
             hidden = torch.cat([hidden, tails], dim=1)
         r, j = torch.tensor(gather).T.to(self.device)
         return hidden[r, j], torch.tensor(where, device=self.device)
@@ -322,16 +320,6 @@ class QianwenLM(TemplateLM):
                 bar.update(1)
         bar.close()
         return order.get_original(results)
-
-
-def _select_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
-    """A cache whose row i is a copy of `cache`'s row index[i] (one prefix's keys and values for each member)."""
-    out = copy.copy(cache)
-    out.k, out.v = cache.k.index_select(1, index), cache.v.index_select(1, index)
-    out.seen = cache.seen.index_select(0, index)
-    out.valid = cache.valid.index_select(0, index) if cache.valid is not None else None
-    out.alpha = cache.alpha.index_select(0, index) if cache.alpha is not None else None
-    return out
 
 
 def run_harness(args) -> int:
