@@ -421,3 +421,17 @@ def test_training_after_generation():
     model.train()
     model(torch.tensor([[1, 2, 3, 4]])).sum().backward()
     assert model.embed.weight.grad is not None
+
+
+@pytest.mark.parametrize("length", [40, 200])  # below and above the keys from which a CPU attends in bf16
+def test_bf16_on_the_cpu_follows_fp32_on_both_sides_of_the_attention_switch(length):
+    model = random_model(CONFIGS["gqa"], seed=7)
+    ids = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(ids)
+        weights = model.to(torch.bfloat16)(ids)
+    for got in (autocast, weights):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
