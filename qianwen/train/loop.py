@@ -279,7 +279,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.runtime.barrier()
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp_save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
         torch.save(rng, tmp / f"rng-{self.runtime.rank}.pt")
         self.export(tmp / "model")
@@ -313,7 +313,7 @@ class Trainer:
         trainer = json.loads((path / "trainer.json").read_text())
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp_load(state, checkpoint_id=path / "state")
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng-{self.runtime.rank}.pt"
@@ -464,7 +464,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 @contextlib.contextmanager
-def _single_process_quiet():
+def single_process_quiet():
     """torch.distributed.checkpoint warns that it runs in one process; for us that is the normal case."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
@@ -46,7 +45,6 @@ from qianwen.train.data import TokenShards, WindowSampler
 from qianwen.train.loop import (
     LoopConfig,
     TrainingError,
-    _single_process_quiet,
     autocast_dtype,
     hf_export,
     init_runtime,
@@ -55,8 +53,10 @@ from qianwen.train.loop import (
     rng_state,
     set_rng_state,
     shutdown,
+    single_process_quiet,
     write_model_dir,
 )
+from qianwen.train.loss import CausalLM
 from qianwen.train.ppo_math import gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 from qianwen.train.reward import RewardModel, load_reward_model
 from qianwen.util import atomic_write
@@ -156,21 +156,16 @@ class Rollout:
     ended: torch.Tensor  # [N] bool
 
 
-class PolicyScorer(nn.Module):
+class PolicyScorer(CausalLM):
     """The policy (or the frozen reference) as one module whose forward FSDP2 can gather for: the
-    log-probabilities of the reply tokens, or without a mask the mean next-token loss (PPO-ptx)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+    log-probabilities of the reply tokens, or without a mask the pretraining loss (PPO-ptx)."""
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, entropy: bool = False):
         """Log-probabilities of the target tokens [N, L-1] (0 off the reply), and their entropies if asked;
-        the logits are made only at reply positions."""
-        hidden = self.model.hidden_states(tokens[:, :-1])
+        the logits are made only at reply positions. Without a mask, the mean next-token loss."""
         if mask is None:
-            logits = self.model.lm_head(hidden).float()
-            return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            return super().forward(tokens)
+        hidden = self.model.hidden_states(tokens[:, :-1])
         where = mask.bool()
         logp_all = F.log_softmax(self.model.lm_head(hidden[where]).float(), dim=-1)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device)
@@ -410,7 +405,7 @@ class PPO:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         runtime.barrier()
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp_save(self._state(), checkpoint_id=tmp / "state")
         torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
         runtime.barrier()
@@ -433,7 +428,7 @@ class PPO:
         path = self.latest()
         trainer = json.loads((path / "trainer.json").read_text())
         state = self._state()
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp_load(state, checkpoint_id=path / "state")
         set_state_dict(
             self.policy, self.policy_opt, model_state_dict=state["policy"], optim_state_dict=state["policy_opt"]
