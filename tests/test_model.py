@@ -4,6 +4,7 @@ long-context formulas."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -435,3 +436,20 @@ def test_bf16_on_the_cpu_follows_fp32_on_both_sides_of_the_attention_switch(leng
     for got in (autocast, weights):
         assert got.dtype == torch.bfloat16
         assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_a_decoding_step_at_each_rows_own_slot_in_fp32_and_bf16():
+    """One new token per row written at the row's own slot (stale keys beyond it are masked), equal to the row
+    run alone; with bf16 weights one query attends in bf16 on a CPU (no fp32 detour) and follows fp32."""
+    model = random_model(CONFIGS["gqa"], seed=13)
+    ids = torch.randint(0, 1000, (3, 40), generator=torch.Generator().manual_seed(2))
+    new = torch.tensor([[5], [6], [7]])
+    slots = torch.tensor([39, 25, 31])
+    with torch.no_grad():
+        alone = torch.cat([model(torch.cat([ids[r, :s], new[r]])[None])[:, -1] for r, s in enumerate(slots.tolist())])
+        for m, tolerance in ((model, 1e-4), (copy.deepcopy(model).to(torch.bfloat16), 0.1)):
+            cache = m.new_cache(3, 48)
+            m(ids, cache=cache)
+            cache.seen = slots.clone()
+            got = m.decode_step(new, cache, slots.clone()).float()
+            assert (got - alone).abs().max() < tolerance * alone.abs().max(), m.embed.weight.dtype

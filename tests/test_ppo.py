@@ -16,7 +16,7 @@ import qianwen
 from qianwen.cli import main
 from qianwen.config import ModelConfig
 from qianwen.tokenizer import Tokenizer
-from qianwen.train.ppo import load_config, ppo
+from qianwen.train.ppo import PPO, load_config, ppo
 from qianwen.train.reward import RewardModel, reward_export
 
 
@@ -70,6 +70,30 @@ def test_value_warmup_leaves_the_policy_unchanged(setup):
     after, _ = qianwen.load(setup / "b" / "ppo")
     for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_reusing_the_first_minibatch_forwards_changes_nothing(setup, monkeypatch):
+    """Old log-probabilities and values of the first minibatch's rows come from its training forwards; the run
+    must be the one that scores every row in a separate pass (as with dropout, where it has to)."""
+    common = ("steps=3", "value_warmup_steps=1", "lr=3e-3", "value_lr=1e-3", "ppo_epochs=2", "dtype=fp32")
+    reused = ppo(load_config(None, settings(setup, "reuse", *common)), reward_fn=ascii_share)
+    init = PPO.__init__
+
+    def scoring_apart(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        assert self.reuse_first
+        self.reuse_first = False
+
+    monkeypatch.setattr(PPO, "__init__", scoring_apart)
+    apart = ppo(load_config(None, settings(setup, "apart", *common)), reward_fn=ascii_share)
+    for a, b in zip(reused, apart, strict=True):
+        for key in ("reward", "kl", "value_loss", "policy_loss", "clip_frac", "entropy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    x, _ = qianwen.load(setup / "reuse" / "ppo")
+    y, _ = qianwen.load(setup / "apart" / "ppo")
+    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_four_models_from_the_reward_model_directory(setup, capsys):
