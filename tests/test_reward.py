@@ -14,7 +14,15 @@ import qianwen
 from qianwen.cli import main
 from qianwen.config import ModelConfig
 from qianwen.tokenizer import Tokenizer
-from qianwen.train.reward import load_config, load_reward_model, read_pairs, reply_ids, reward_model
+from qianwen.train.reward import (
+    PairBatches,
+    Pairs,
+    load_config,
+    load_reward_model,
+    read_pairs,
+    reply_ids,
+    reward_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +117,33 @@ def test_a_held_out_file_scores_both_stages_whole_and_per_rejection_kind(base_di
             right.setdefault(record["rejection"], []).append(bool(margin.item() > 0))
     assert meta["val_accuracy_by_rejection"] == {k: round(sum(v) / len(v), 4) for k, v in right.items()}
     assert meta["val_accuracy"] == round(sum(sum(v) for v in right.values()) / len(records), 4)
+
+
+def test_batches_grouped_by_length_hold_every_pair_once_an_epoch_and_pad_less():
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([20, 30, 400], size=203)  # short replies and a few long transcripts, as in tiny
+    rows = [[1] * int(n) for n in lengths for _ in (0, 1)]
+    pairs = Pairs(rows, [""] * len(lengths), len(lengths), {}, [])
+    train = [i for i in range(len(lengths)) if i % 10]
+    batches = PairBatches(pairs, train, 8, pad_id=0, seed=5)
+    for epoch in (0, 1):
+        seen = [i for b in range(batches.per_epoch) for i in batches.members(epoch * batches.per_epoch + b)]
+        assert sorted(seen) == train  # every training pair once, none held out
+    again = PairBatches(pairs, train, 8, pad_id=0, seed=5)
+    assert [again.members(b) for b in range(40)] == [batches.members(b) for b in range(40)]
+    assert batches.members(0) != batches.members(batches.per_epoch)  # a new order each epoch
+
+    def padded(order: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in order)
+
+    grouped = [batches.members(b) for b in range(batches.per_epoch)]
+    plain = np.random.default_rng(1).permutation(train).tolist()
+    assert padded(grouped) < 0.6 * padded([plain[i : i + 8] for i in range(0, len(plain), 8)])
+    ids, last = batches.get(3)
+    assert last.tolist() == [lengths[i] - 1 for i in batches.members(3) for _ in (0, 1)]
+    assert ids.shape == (2 * len(batches.members(3)), max(lengths[i] for i in batches.members(3)))
+    in_order = [batches.members(b, shuffle=False) for b in range(batches.per_epoch)]
+    assert [lengths[i] for b in in_order for i in b] == sorted(lengths[train])
 
 
 def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
