@@ -183,12 +183,15 @@ class Engine:
                 self._admitting = sum(map(len, admitted))
             try:
                 self._drop_cancelled()
+                groups = []
                 for jobs in admitted:
                     live = [j for j in jobs if not j.cancelled]
                     self.cancelled += len(jobs) - len(live)
                     self._admitting -= len(jobs) - len(live)
                     if live:
-                        self._prefill(live)
+                        groups.append(live)
+                for chunk in self._prefill_chunks(groups):
+                    self._prefill(chunk)
                 if self.active:
                     self._step()
                 self._flush()
@@ -196,27 +199,58 @@ class Engine:
                 traceback.print_exc()
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
 
+    def _prefill_chunks(self, groups: list[list[Job]]) -> list[list[list[Job]]]:
+        """The admitted prompts in runs whose padded batch stays within PREFILL_TOKENS (one prompt at least)."""
+        chunks: list[list[list[Job]]] = []
+        for group in groups:
+            run = [*chunks[-1], group] if chunks else [group]
+            if chunks and len(run) * max(len(g[0].prompt) for g in run) <= self.PREFILL_TOKENS:
+                chunks[-1] = run
+            else:
+                chunks.append([group])
+        return chunks
+
+    PREFILL_TOKENS = 16384
+
     @torch.inference_mode()
-    def _prefill(self, jobs: list[Job]) -> None:
-        row, prompt = len(self.active), jobs[0].prompt
-        cache = self.cache
-        cache.seen[row] = 0
-        view = cache.rows(row, row + 1)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=view, last_only=True)[:, -1].float()
-        T = len(prompt)
-        for offset, job in enumerate(jobs):
-            r = row + offset
-            if offset:
-                cache.k[:, r, :, :T] = cache.k[:, row, :, :T]
-                cache.v[:, r, :, :T] = cache.v[:, row, :, :T]
-            cache.seen[r] = T
-            if cache.alpha is not None:
-                cache.alpha[r] = view.alpha[0] if view.alpha is not None else 1.0
-            job.length = T
-            self.active.append(job)
-            self._admitting -= 1
-            self._advance(job, logits[0])
+    def _prefill(self, groups: list[list[Job]]) -> None:
+        """Prefill several prompts in one forward pass (each group is one prompt's n choices): right-padded, so
+        that every row's tokens sit at slots 0..length-1 as decoding expects, the pads beyond a row's length
+        masked until its own tokens overwrite them. A choice beyond the first gets a copy of its prompt's row.
+        Under load this replaces a forward pass per request: 16 requests arriving together are prefilled in
+        one."""
+        first, cache = len(self.active), self.cache
+        lengths = torch.tensor([len(g[0].prompt) for g in groups])
+        T = int(lengths.max())
+        ids = torch.zeros((len(groups), T), dtype=torch.long)
+        for r, group in enumerate(groups):
+            ids[r, : lengths[r]] = torch.tensor(group[0].prompt)
+        mask = (torch.arange(T)[None] < lengths[:, None]).long() if bool((lengths < T).any()) else None
+        cache.seen[first : first + len(groups)] = 0
+        view = cache.rows(first, first + len(groups))
+        hidden = self.model.hidden_states(ids.to(self.device), mask if mask is None else mask.to(self.device), view)
+        last = hidden[torch.arange(len(groups), device=self.device), (lengths - 1).to(self.device)]
+        logits = self.model.lm_head(last).float()
+        rows = [first + r for r in range(len(groups))]  # each prompt's first choice, then the other choices
+        extra = first + len(groups)
+        for r, group in enumerate(groups):
+            for offset, job in enumerate(group):
+                row = rows[r] if offset == 0 else extra
+                n = int(lengths[r])
+                if offset:
+                    cache.k[:, row, :, :n] = cache.k[:, rows[r], :, :n]
+                    cache.v[:, row, :, :n] = cache.v[:, rows[r], :, :n]
+                    extra += 1
+                cache.seen[row] = n
+                if cache.alpha is not None:
+                    cache.alpha[row] = view.alpha[r] if view.alpha is not None else 1.0
+                job.length = n
+        # `active` lists jobs in row order: the first choices, then the others in the order their rows were given.
+        self.active += [g[0] for g in groups] + [j for g in groups for j in g[1:]]
+        for r, group in enumerate(groups):
+            for job in group:
+                self._admitting -= 1
+                self._advance(job, logits[r])
 
     @torch.inference_mode()
     def _step(self) -> None:

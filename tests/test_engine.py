@@ -61,6 +61,30 @@ class Collector:
             assert self.done.wait_for(lambda: len(self.finish) >= count, timeout)
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_pass_as_alone(model, tok, monkeypatch):
+    """Prompts of different lengths (some past the training length: NTK and LogN per row) and n=2 choices,
+    queued while the engine is held, are prefilled right-padded in one forward pass and decode as alone."""
+    prompts = [tok.encode("Q: " + "lorem ipsum dolor " * k) for k in (1, 9, 3, 14)]
+    passes = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a: passes.append(ids.shape) or real(ids, *a))
+    engine = Engine(model, tok, max_batch=8, max_queue=100)
+    out = Collector()
+    try:
+        with engine._cond:  # the engine thread waits on this lock, so all four are admitted at once
+            for i, p in enumerate(prompts):
+                engine.submit(p, Params(max_tokens=12, temperature=0), 2 if i == 1 else 1, out(i))
+        out.wait(5)
+    finally:
+        engine.close()
+    assert passes == [(4, max(map(len, prompts)))]
+    assert max(map(len, prompts)) > 32 > min(map(len, prompts))
+    for i, p in enumerate(prompts):
+        alone = generate(model, tok, p, 12)
+        for k in range(2 if i == 1 else 1):
+            assert out.text[(i, k)] == alone.text, (i, k)
+
+
 def test_joining_and_leaving_rows_decode_as_alone(model, tok):
     prompts = [tok.encode(f"Request {i}: " + "lorem ipsum dolor " * (1 + 3 * (i % 5))) for i in range(12)]
     lengths = [5 + 3 * i for i in range(12)]
