@@ -145,13 +145,13 @@ def bench_model(args, described: str, model_dir: Path, eod_id: int, manager) -> 
     from qianwen.eval.lm_eval_adapter import QianwenLM
 
     backends = {
-        "qianwen": QianwenLM(str(model_dir), device=args.device, dtype="float32", batch_size=args.batch),
+        "qianwen": QianwenLM(str(model_dir), device=args.device, dtype=args.dtype, batch_size=args.batch),
         # Qwen's documents follow <|endoftext|>, which the qianwen model puts before an empty context; hf would
         # use the tokenizer's eos (<|im_end|>), so it is told the same.
         "hf": HFLM(
             pretrained=str(model_dir),
             device=args.device,
-            dtype="float32",
+            dtype=args.dtype,
             batch_size=args.batch,
             prefix_token_id=eod_id,
         ),
@@ -212,6 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights, both sides")
     parser.add_argument("--name", default="eval")
     args = parser.parse_args(argv)
     if args.threads:
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
             described, eod_id = export_model(preset, checkpoint, model_dir)
             rows += bench_model(args, described, model_dir, eod_id, manager)
     notes = (
-        f"Batch size {args.batch} on both sides, fp32, device {args.device}, {torch.get_num_threads()} CPU "
+        f"Batch size {args.batch} on both sides, weights in {args.dtype}, device {args.device}, {torch.get_num_threads()} CPU "
         f"thread(s); {args.repeats} interleaved runs per "
         "backend and task, each a whole `simple_evaluate` call (task building and metrics included); samples/s "
         f"and the ratio from each side's fastest run (the machine is shared), medians beside them. "
