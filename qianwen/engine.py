@@ -83,6 +83,8 @@ class Job:
 
 
 class Engine:
+    PREFILL_TOKENS = 16384  # prompts prefilled together pad to at most this many tokens in all
+
     def __init__(
         self,
         model: Transformer,
@@ -210,8 +212,6 @@ class Engine:
                 chunks.append([group])
         return chunks
 
-    PREFILL_TOKENS = 16384
-
     @torch.inference_mode()
     def _prefill(self, groups: list[list[Job]]) -> None:
         """Prefill several prompts in one forward pass (each group is one prompt's n choices): right-padded, so
@@ -225,21 +225,22 @@ class Engine:
         ids = torch.zeros((len(groups), T), dtype=torch.long)
         for r, group in enumerate(groups):
             ids[r, : lengths[r]] = torch.tensor(group[0].prompt)
-        mask = (torch.arange(T)[None] < lengths[:, None]).long() if bool((lengths < T).any()) else None
+        mask = None
+        if bool((lengths < T).any()):  # positions, and the NTK factor, count each row's own tokens only
+            mask = (torch.arange(T)[None] < lengths[:, None]).long().to(self.device)
         cache.seen[first : first + len(groups)] = 0
         view = cache.rows(first, first + len(groups))
-        hidden = self.model.hidden_states(ids.to(self.device), mask if mask is None else mask.to(self.device), view)
+        hidden = self.model.hidden_states(ids.to(self.device), mask, view)
         last = hidden[torch.arange(len(groups), device=self.device), (lengths - 1).to(self.device)]
         logits = self.model.lm_head(last).float()
-        rows = [first + r for r in range(len(groups))]  # each prompt's first choice, then the other choices
-        extra = first + len(groups)
+        extra = first + len(groups)  # rows of the prompts' first choices come first, then the other choices
         for r, group in enumerate(groups):
+            home, n = first + r, int(lengths[r])
             for offset, job in enumerate(group):
-                row = rows[r] if offset == 0 else extra
-                n = int(lengths[r])
+                row = home if offset == 0 else extra
                 if offset:
-                    cache.k[:, row, :, :n] = cache.k[:, rows[r], :, :n]
-                    cache.v[:, row, :, :n] = cache.v[:, rows[r], :, :n]
+                    cache.k[:, row, :, :n] = cache.k[:, home, :, :n]
+                    cache.v[:, row, :, :n] = cache.v[:, home, :, :n]
                     extra += 1
                 cache.seen[row] = n
                 if cache.alpha is not None:
