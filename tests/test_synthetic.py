@@ -255,6 +255,32 @@ def test_every_rejected_reply_fails_its_checker_and_chosen_passes(examples):
         preference_pair(next(e for e in examples if e.kind == "reverse"), rng, "wrong_language")
 
 
+def test_wrong_word_problem_replies_miscopy_a_number_or_slip_and_carry_it_through(examples):
+    """A wrong arithmetic reply either copies one of the question's numbers wrong and works correctly from it
+    (the SFT model's copy errors), or slips in one result or operation; the mistake is carried through to a
+    wrong answer."""
+    rng = random.Random(3)
+    kinds = {"miscopied": 0, "slipped": 0}
+    symbol = {"+": "+", "-": "-", "×": "*", "÷": "/"}
+    for ex in [e for e in examples if e.kind == "arithmetic"] * 3:
+        reply = preference_pair(ex, rng, "wrong_answer")["rejected"]
+        lines = [
+            (int(a), symbol[op], int(b), int(c)) for a, op, b, c in re.findall(r"(\d+) ([-+×÷]) (\d+) = (\d+)", reply)
+        ]
+        assert len(lines) == len(ex.data["steps"]) and str(lines[-1][3]) != ex.answer
+        assert reply.splitlines()[-1].count(str(lines[-1][3])) == 1  # the answer line repeats the last result
+        right = [tuple(step) for step in ex.data["steps"]]
+        i = next(i for i, (got, want) in enumerate(zip(lines, right)) if got != want)
+        exact = [Fraction(eval(f"{a} {op} {b}")) == c for a, op, b, c in lines]
+        literal = [k for k in (0, 2) if not isinstance(ex.data["ops"][i][k], str)]
+        if all(exact) and lines[i][1] == right[i][1] and any(lines[i][k] != right[i][k] for k in literal):
+            kinds["miscopied"] += 1
+        else:  # one step slipped (a result off, or the wrong operation), the later ones carry it on correctly
+            assert all(exact[i + 1 :]), reply
+            kinds["slipped"] += 1
+    assert 0.2 < kinds["miscopied"] / sum(kinds.values()) < 0.45, kinds
+
+
 def test_flipped_fraction_matches_the_setting(examples):
     pairs = preference_pairs(examples, random.Random(3), flip=0.1)
     flipped = [p for p in pairs if p["flipped"]]

@@ -354,8 +354,30 @@ def arithmetic(rng: random.Random, lang: str, max_number: int = 0) -> Example:
     )
 
 
+def _miscopied(example: Example, rng: random.Random) -> list[list] | None:
+    """The steps with one of the question's numbers copied wrong (another of its numbers, or off by 1 to 3) and
+    the rest worked from it: a third of the tiny recipe's SFT model's wrong answers look like this."""
+    literal = [(i, k) for i, o in enumerate(example.data["ops"]) for k in (0, 2) if not isinstance(o[k], str)]
+    given = sorted({o[k] for i, k in literal for o in [example.data["ops"][i]]})
+    for _ in range(20):
+        i, k = rng.choice(literal)
+        right = example.data["ops"][i][k]
+        wrong = rng.choice(
+            [n for n in given if n != right] + [right + d for d in (-3, -2, -1, 1, 2, 3) if right + d > 0]
+        )
+        ops = [Op(*o, "", "") for o in example.data["ops"]]
+        ops[i] = Op(*(wrong if j == k else x for j, x in enumerate(example.data["ops"][i])), "", "")
+        steps = solve(ops)
+        if steps and steps[-1][3] != int(example.answer):
+            return steps
+    return None
+
+
 def _slipped(example: Example, rng: random.Random) -> list[list]:
-    """The steps with one plausible mistake (a result off by 1 or 10, or the wrong operation) carried through."""
+    """The steps with one plausible mistake carried through: a number of the question copied wrong (a third of
+    the time), a result off by 1 or 10, or the wrong operation."""
+    if rng.random() < 1 / 3 and (steps := _miscopied(example, rng)) is not None:
+        return steps
     ops = [Op(a, op, b, "", "") for a, op, b in example.data["ops"]]
     for _ in range(20):
         i, off = rng.randrange(len(ops)), rng.choice([-10, -1, 1, 10, 0])
