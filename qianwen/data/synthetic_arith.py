@@ -358,7 +358,7 @@ def _miscopied(example: Example, rng: random.Random) -> list[list] | None:
     """The steps with one of the question's numbers copied wrong (another of its numbers, or off by 1 to 3) and
     the rest worked from it: a third of the tiny recipe's SFT model's wrong answers look like this."""
     literal = [(i, k) for i, o in enumerate(example.data["ops"]) for k in (0, 2) if not isinstance(o[k], str)]
-    given = sorted({o[k] for i, k in literal for o in [example.data["ops"][i]]})
+    given = sorted({example.data["ops"][i][k] for i, k in literal})
     for _ in range(20):
         i, k = rng.choice(literal)
         right = example.data["ops"][i][k]
