@@ -90,10 +90,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D)
-        qk = apply_rotary(qkv[:, :, : H + K], ctx.cos, ctx.sin)
+        cos, sin, logn = ctx.rotary(layer)
+        qk = apply_rotary(qkv[:, :, : H + K], cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K :]
-        if ctx.logn is not None:
-            q = q * ctx.logn.to(q.dtype)
+        if logn is not None:
+            q = q * logn.to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, ctx.start, k, v)
@@ -209,7 +210,37 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-class _Context:
+class _Spans:
+    """Rotary tables and LogN factors per layer. Dynamic NTK and LogN exist for distances and key counts beyond
+    the training length; a layer whose window is shorter than the text never attends over more than its window,
+    so it gets the NTK factor and LogN factors of that span (factors never decrease with length, so capping them
+    at the window's own is the same thing). Windows of at most seq_length thus keep the trained rotary base and no
+    LogN; a longer window (the report's upper layers) gets both, sized to it. Built once per distinct window."""
+
+    windows: list[int] | None
+
+    def _init_rotary(self, model, positions, start, end, alpha, logn) -> None:
+        self._model, self._positions, self._range = model, positions, (start, end)
+        self._alpha, self._logn = alpha, logn
+        self._rotary: dict[int | None, tuple] = {}
+
+    def rotary(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(cos, sin, LogN factors or None) for one layer."""
+        window = self.windows[layer] if self.windows is not None else None
+        if window not in self._rotary:
+            alpha, logn, seq_length = self._alpha, self._logn, self._model.config.seq_length
+            if window is not None and alpha is not None:
+                cap = ntk_alpha(window, seq_length)
+                alpha = None if cap == 1 else alpha.clamp(max=cap)
+            if window is not None and logn is not None:
+                cap = logn_factors(torch.tensor([window - 1]), seq_length).item()
+                logn = None if cap == 1 else logn.clamp(max=cap)
+            cos, sin = self._model.rotary_tables(self._positions, *self._range, alpha)
+            self._rotary[window] = cos, sin, logn
+        return self._rotary[window]
+
+
+class _Context(_Spans):
     """What every layer of one forward pass shares: positions, rotary tables,
     LogN factors and attention masks (built once per distinct window)."""
 
@@ -260,11 +291,11 @@ class _Context:
         if cache is not None:
             cache.seen, cache.length = total, end
 
-        self.cos, self.sin = model.rotary_tables(positions, start, end, alpha)
-        self.logn = None
+        logn = None
         if inference and config.use_logn_attn and end > config.seq_length:
             pos = positions if positions is not None else torch.arange(start, end, device=device)[None]
-            self.logn = logn_factors(pos, config.seq_length)[:, :, None, None]  # [B, T, heads, dim]
+            logn = logn_factors(pos, config.seq_length)[:, :, None, None]  # [B, T, heads, dim]
+        self._init_rotary(model, positions, start, end, alpha, logn)
 
         self.windows = config.attention_windows if inference and config.attention_windows else None
         self.T = T
@@ -296,7 +327,7 @@ class _Context:
         return allowed[None, None]
 
 
-class _StepContext:
+class _StepContext(_Spans):
     """One new token per row with shapes that never change between steps:
     attention spans every cache slot under a mask, and the slot is a tensor,
     so one compiled (or CUDA-graph captured) step serves every position."""
@@ -308,10 +339,10 @@ class _StepContext:
         self.start = slot
         positions = cache.seen[:, None]
         alpha = cache.alpha if inference and config.use_dynamic_ntk else None
-        self.cos, self.sin = model.rotary_tables(positions, 0, 0, alpha)
-        self.logn = None
+        logn = None
         if inference and config.use_logn_attn:
-            self.logn = logn_factors(positions, config.seq_length)[:, :, None, None]
+            logn = logn_factors(positions, config.seq_length)[:, :, None, None]
+        self._init_rotary(model, positions, 0, 0, alpha, logn)
         keys = torch.arange(cache.max_len, device=slot.device)
         slot = slot.view(-1, 1)  # one slot for every row, or one per row
         allowed = keys[None, :] <= slot

@@ -411,7 +411,9 @@ def _longctx(out: Path, summary: dict) -> list[Block]:
         Heading(3, "Long context (base/)"),
         Paragraph(
             f"Perplexity on the validation split of data/ by context length; training length {config.seq_length}, "
-            f"windows per layer {', '.join(map(str, windows))}."
+            f"windows per layer {', '.join(map(str, windows))}. With windows, each layer's NTK and LogN factors are "
+            "those of the span it attends, so a layer whose window is within the training length keeps the trained "
+            "rotary base and no LogN."
         ),
         Table(["", *map(str, lengths)], rows),
     ]

@@ -225,18 +225,20 @@ def test_logn_factors_follow_the_spec():
 
 
 def naive_forward(
-    model: Transformer, ids: list[int], base: float, logn: bool, windows: list[int] | None
+    model: Transformer, ids: list[int], base: float | list[float], logn: bool, windows: list[int] | None
 ) -> torch.Tensor:
-    """Token-by-token loops straight from QWEN_SPEC.md, no shared code with model.py."""
+    """Token-by-token loops straight from QWEN_SPEC.md, no shared code with model.py. `base` is the rotary base,
+    or one per layer; a query's LogN factor counts the keys it attends (at most its layer's window)."""
     c = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     H, K, D, T = c.num_heads, c.num_kv_heads, c.head_dim, len(ids)
-    inv = [1.0 / base ** (2 * j / D) for j in range(D // 2)]
+    bases = base if isinstance(base, list) else [base] * c.num_layers
 
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.rms_norm_eps) * w
 
-    def rope(v, pos):
+    def rope(v, pos, base):
+        inv = [1.0 / base ** (2 * j / D) for j in range(D // 2)]
         half = D // 2
         out = v.clone()
         for j in range(half):
@@ -253,12 +255,13 @@ def naive_forward(
         q = qkv[:, : H * D].view(T, H, D)
         k = qkv[:, H * D : (H + K) * D].view(T, K, D)
         v = qkv[:, (H + K) * D :].view(T, K, D)
-        q = torch.stack([rope(q[t], t) for t in range(T)])
-        k = torch.stack([rope(k[t], t) for t in range(T)])
+        q = torch.stack([rope(q[t], t, bases[layer]) for t in range(T)])
+        k = torch.stack([rope(k[t], t, bases[layer]) for t in range(T)])
         out = torch.zeros(T, H, D, dtype=torch.float64)
         window = windows[layer] if windows else T
         for t in range(T):
-            scale = math.log(t + 1) / math.log(c.seq_length) if logn and t + 1 > c.seq_length else 1.0
+            n = min(t + 1, window)
+            scale = math.log(n) / math.log(c.seq_length) if logn and n > c.seq_length else 1.0
             for head in range(H):
                 kv = head // (H // K)
                 keys = range(max(0, t - window + 1), t + 1)
@@ -278,14 +281,23 @@ LONG = dict(
 
 
 def test_model_matches_naive_reference_with_ntk_logn_and_windows():
+    """30 tokens at a training length of 8: the layer with a window of 5 attends over 5 keys at most, so it keeps
+    the trained base and no LogN; the one with 12 gets the NTK factor of 12 tokens (1.5x: alpha 3) and LogN up to
+    12 keys; with full attention, 30 tokens (3.75x: alpha 7)."""
     windows = [5, 12]
     config = ModelConfig(**LONG, use_dynamic_ntk=True, use_logn_attn=True, attention_windows=windows)
     model = random_model(config, seed=7)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
-    base = ntk_base(config.rope_base, ntk_alpha(30, 8), config.head_dim)  # 30 tokens = 3.75x -> alpha 7
-    expected = naive_forward(model, ids[0].tolist(), base, logn=True, windows=windows)
+    bases = [config.rope_base, ntk_base(config.rope_base, 3, config.head_dim)]
+    expected = naive_forward(model, ids[0].tolist(), bases, logn=True, windows=windows)
+    full = model.config.replace(attention_windows=None)
     with torch.no_grad():
         assert (model(ids)[0].double() - expected).abs().max() < 1e-4
+        unwindowed = Transformer(full).eval()
+        unwindowed.load_state_dict(model.state_dict())
+        base = ntk_base(config.rope_base, 7, config.head_dim)
+        expected = naive_forward(model, ids[0].tolist(), base, logn=True, windows=None)
+        assert (unwindowed(ids)[0].double() - expected).abs().max() < 1e-4
         model.train()  # the three tricks are off while training: plain RoPE, no LogN, full attention
         plain = naive_forward(model, ids[0].tolist(), config.rope_base, logn=False, windows=None)
         assert (model(ids)[0].double() - plain).abs().max() < 1e-4
