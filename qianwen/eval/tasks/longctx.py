@@ -24,8 +24,9 @@ layer).
 
 The default window schedule, 0.5:1 (half the training length at the first layer, rising linearly to the full
 training length at the last), was chosen from these measurements: the tiny recipe's base model (6 layers, training
-length T = 256), its validation split, perplexity at 1x / 4x / 8x T with dynamic NTK + LogN + window and with
-the windows alone (`qianwen eval --model runs/tiny/base --tasks longctx longctx.schedule=S`):
+length T = 256), the first 8,192 tokens of its validation split, perplexity at 1x / 4x / 8x T with dynamic NTK +
+LogN + window and with the windows alone (`qianwen eval --model runs/tiny/base --tasks longctx --data-dir
+runs/tiny/data longctx.schedule=S`):
 
 | schedule (windows per layer)            | NTK + LogN + window | window alone       |
 |-----------------------------------------|---------------------|--------------------|
@@ -202,7 +203,9 @@ def plot(ppl: dict[str, dict[int, float]], lengths: list[int], T: int) -> bytes:
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for key, (row, _) in VARIANTS.items():
-        ax.plot(lengths, [ppl[key][L] for L in lengths], marker="o", label=row)
+        # the windows-alone row dashed and hollow, so it stays visible where it lies on the last report row
+        style = {"linestyle": "--", "marker": "s", "fillstyle": "none"} if key == "window" else {"marker": "o"}
+        ax.plot(lengths, [ppl[key][L] for L in lengths], label=row, **style)
     ax.axvline(T, color="grey", linestyle="--", linewidth=1, label=f"training length {T}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
