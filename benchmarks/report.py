@@ -188,16 +188,18 @@ def main() -> None:
             + table(["library", "seconds", "docs/s", "mean abs error", ">= 0.8", "0.6-0.8", "< 0.6"], mh_rows)
             + "\n"
         )
-    serve = load("serve")
-    if serve:
+    for name, dtype in (("serve", "fp32"), ("serve_bf16", "bf16")):
+        serve = load(name)
+        if not serve:
+            continue
         rows = [
             [r["server"], r.get("threads", "")]
             + [r["clients"], r["requests"], r["tokens"], r["seconds"], r["tokens_per_s"], r["ttft_median_s"]]
             for r in serve["rows"]
         ]
         parts.append(
-            "## Serving: `qianwen serve` vs `transformers serve` (goals: >= 2x at 16 clients; our 16 clients >= 4x "
-            "our 1)\n\n"
+            f"## Serving, {dtype}: `qianwen serve` vs `transformers serve` (goals: >= 2x at 16 clients; our 16 "
+            "clients >= 4x our 1)\n\n"
             f"{env_line(serve)}\n\n"
             + table(
                 ["server", "threads", "clients", "requests", "tokens", "seconds", "tokens/s", "median TTFT s"], rows
