@@ -233,7 +233,8 @@ class _Spans:
                 cap = ntk_alpha(window, seq_length)
                 alpha = None if cap == 1 else alpha.clamp(max=cap)
             if window is not None and logn is not None:
-                cap = logn_factors(torch.tensor([window - 1]), seq_length).item()
+                # the factor of a query that attends `window` keys, in plain Python so a compiled step has no .item()
+                cap = math.log(window) / math.log(seq_length) if window > seq_length else 1.0
                 logn = None if cap == 1 else logn.clamp(max=cap)
             cos, sin = self._model.rotary_tables(self._positions, *self._range, alpha)
             self._rotary[window] = cos, sin, logn
