@@ -237,8 +237,8 @@ def main(argv=None) -> None:
             described, eod_id = export_model(preset, checkpoint, model_dir)
             rows += bench_model(args, described, model_dir, eod_id, manager)
     notes = (
-        f"Batch size {args.batch} on both sides, weights in {args.dtype}, device {args.device}, {torch.get_num_threads()} CPU "
-        f"thread(s); {args.repeats} interleaved runs per "
+        f"Batch size {args.batch} on both sides, weights in {args.dtype}, device {args.device}, "
+        f"{torch.get_num_threads()} CPU thread(s); {args.repeats} interleaved runs per "
         "backend and task, each a whole `simple_evaluate` call (task building and metrics included); samples/s "
         f"and the ratio from each side's fastest run (the machine is shared), medians beside them. "
         f"generate_until stops at a newline or {args.max_gen_toks} tokens."

@@ -224,8 +224,8 @@ def main() -> None:
     print(f"{top} clients: qianwen {ratio:.2f}x {peer['server']}; our {top} vs {min(levels)} client(s): {scaling:.2f}x")
     command = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
     notes = (
-        f"{args.model} with random weights and an 8,192-id vocabulary, {args.dtype} weights; greedy, {args.max_tokens} tokens per reply, "
-        f"{args.requests} requests per client; at {top} clients, each server at its best thread count, qianwen "
+        f"{args.model} with random weights and an 8,192-id vocabulary, {args.dtype} weights; greedy, "
+        f"{args.max_tokens} tokens per reply, {args.requests} requests per client; at {top} clients, each server at its best thread count, qianwen "
         f"({ours['threads']} thread(s)) {ratio:.2f}x the faster peer mode ({peer['server']}, {peer['threads']} "
         f"thread(s)); our {top}-client rate {scaling:.2f}x our single-client rate at the same thread count."
     )

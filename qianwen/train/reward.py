@@ -136,8 +136,8 @@ class PairBatches:
     Shuffled batches are grouped by length, as Hugging Face's LengthGroupedSampler does: each epoch's random
     order is cut into runs of GROUP batches, each run is sorted by its pairs' longer reply and cut into batches,
     and the batches are shuffled. A batch of short replies then no longer pads to a tool transcript (the tiny
-    recipe's pairs run from 60 to 600 tokens): both stages at batch 8 took 1 min 57 s there instead of 5 min. Unshuffled batches (for
-    evaluation) go in order of length."""
+    recipe's pairs run from 60 to 600 tokens): both stages at batch 8 took 1 min 57 s there instead of 5 min.
+    Unshuffled batches (for evaluation) go in order of length."""
 
     GROUP = 50
 
