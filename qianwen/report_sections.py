@@ -451,8 +451,10 @@ def section_eval(out: Path) -> Section | None:
     summary = f"held-out scores ({limit} per task at most) " + "; ".join(headline)
     blocks: list[Block] = [
         Paragraph(
-            "Each model on the held-out synthetic tasks (tasks/*_eval.jsonl); `tool` answers each question directly "
-            "and through the ReAct agent with the code interpreter. Per-sample logs are in eval/."
+            "Each model on the held-out synthetic tasks (tasks/*_eval.jsonl); `instruct` checks each instruction "
+            "with the checker that labels the reward model's pairs (`clean_accuracy`: right, ended and not rambling); "
+            "`tool` answers each question directly and through the ReAct agent with the code interpreter. "
+            "Per-sample logs are in eval/."
         ),
         Table(["task", "metric", *[f"{m}/" for m in columns]], rows),
     ]

@@ -21,7 +21,7 @@ from qianwen.cli import main
 from qianwen.config import ModelConfig
 from qianwen.eval import harness, tasks
 from qianwen.eval.harness import TaskOptions
-from qianwen.eval.tasks import arith, gsm8k, humaneval
+from qianwen.eval.tasks import arith, gsm8k, humaneval, instruct
 from qianwen.eval.tasks.choice import CEVAL, MMLU, option_logits
 from qianwen.generate import Completion
 from qianwen.tokenizer import Tokenizer, qwen_vocabulary
@@ -381,6 +381,56 @@ def test_arith_chat_prompts_and_exact_match(monkeypatch, tmp_path, tokenizer):
     result = arith.evaluate(None, tokenizer, TaskOptions(tmp_path, None))
     assert [s["correct"] for s in result.samples] == [True, False, True]
     assert seen[0] == tokenizer.chat_text([{"role": "user", "content": "1+1?"}])
+
+
+def test_instruct_scores_each_kind_with_its_checker(monkeypatch, tmp_path, tokenizer):
+    rows = [
+        {"prompt": "Sort: 3, 1, 2", "answer": "1, 2, 3", "kind": "sort", "lang": "en"},
+        {"prompt": "Reverse cat", "answer": "tac", "kind": "reverse", "lang": "en"},
+        {"prompt": "Upper: red sky", "answer": "RED SKY", "kind": "uppercase", "lang": "en"},
+        {"prompt": "2+2, answer in Chinese", "answer": "4", "kind": "answer_in_zh", "lang": "en"},
+        {"prompt": "小明有3个苹果，又买了4个。", "answer": "7", "kind": "arithmetic", "lang": "zh"},
+        {"prompt": "Sort: 9, 8", "answer": "8, 9", "kind": "sort", "lang": "en"},
+    ]
+    (tmp_path / "instruct_eval.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    replies = [
+        ("From smallest to largest:\n1, 2, 3", "stop"),  # right, clean
+        ("The word reversed is cta.", "stop"),  # wrong answer
+        ("In capital letters: RED SKY", "length"),  # right, but never ended
+        ("答案是 4。", "stop"),  # right and in Chinese
+        ("The answer is 7.", "stop"),  # right number, wrong language: not correct
+        ("Sorted.\nSorted.\nSorted.\n8, 9", "stop"),  # right, but rambling
+    ]
+    seen: list[str] = []
+
+    def fake(model, tok, prompts, max_new_tokens, **kwargs):
+        seen.extend(tok.decode(p) for p in prompts)
+        return [Completion([], text, reason) for text, reason in replies]
+
+    monkeypatch.setattr(instruct, "generate_all", fake)
+    result = instruct.evaluate(None, tokenizer, TaskOptions(tmp_path, None))
+    assert [s["correct"] for s in result.samples] == [True, False, True, True, False, True]
+    assert [s["flaws"] for s in result.samples] == [
+        [],
+        ["wrong_answer"],
+        ["unended"],
+        [],
+        ["wrong_language"],
+        ["rambling"],
+    ]
+    assert result.metrics == {
+        "acc": pytest.approx(4 / 6),
+        "clean_accuracy": pytest.approx(2 / 6),
+        "accuracy/arithmetic": 0.0,
+        "accuracy/reverse": 0.0,
+        "accuracy/sort": 1.0,
+        "accuracy/uppercase": 1.0,
+        "accuracy/answer_in_zh": 1.0,
+    }
+    assert seen[0] == tokenizer.chat_text([{"role": "user", "content": "Sort: 3, 1, 2"}])
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"prompt": "p", "answer": "a", "kind": "poetry"}) + "\n")
+    with pytest.raises(ValueError, match="kind 'poetry', which no checker knows; the kinds are: arithmetic"):
+        instruct.evaluate(None, tokenizer, TaskOptions(tmp_path, None, extra={"file": str(tmp_path / "odd.jsonl")}))
 
 
 # ---------------------------------------------------------------------------

@@ -129,7 +129,11 @@ def test_every_artefact_exists_and_loads(finished):
         records = [json.loads(line) for line in (out / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
         assert records and all("step" in r for r in records), stage
     scored = {m: set(json.loads((out / "eval" / f"{m}.json").read_text())["tasks"]) for m in ("base", "sft", "ppo")}
-    assert scored == {"base": {"arith", "longctx"}, "sft": {"arith", "tool"}, "ppo": {"arith", "tool"}}
+    assert scored == {
+        "base": {"arith", "instruct", "longctx"},
+        "sft": {"arith", "instruct", "tool"},
+        "ppo": {"arith", "instruct", "tool"},
+    }
     assert (out / "eval" / "base.longctx.longctx.png").is_file()
     windows = [json.loads(line) for line in (out / "eval" / "base.longctx.jsonl").read_text().splitlines()]
     assert len({w["targets"] for w in windows}) == 1  # every length scores the same span, whatever eval.limit

@@ -14,9 +14,10 @@ from fractions import Fraction
 
 import pytest
 
+from qianwen.checks import END, KINDS, check_answer, flaws
 from qianwen.cli import main
 from qianwen.data import synthetic, synthetic_tasks
-from qianwen.data.synthetic import END, check_answer, flaws, make_all, preference_pair, preference_pairs
+from qianwen.data.synthetic import make_all, preference_pair, preference_pairs
 from qianwen.data.synthetic_arith import arithmetic
 from qianwen.data.synthetic_tasks import CODE_INTERPRETER, INSTRUCTION_KINDS, WORDS, instruction, tool_problem
 
@@ -328,7 +329,7 @@ def test_files_load_in_the_documented_formats(out, files):
             assert r["rejection"] in synthetic.REJECTIONS and isinstance(r["flipped"], bool)
     for name in ("ppo", "arith_eval", "instruct_eval", "tool_eval"):
         for r in files[name]:
-            assert {"prompt", "answer", "kind", "lang"} <= set(r) and r["kind"] in synthetic.KINDS
+            assert {"prompt", "answer", "kind", "lang"} <= set(r) and r["kind"] in KINDS
     assert {r["kind"] for r in files["arith_eval"]} == {"arithmetic"}
     assert {r["kind"] for r in files["tool_eval"]} == {"tool"}
     assert "tool" not in {r["kind"] for r in files["ppo"]}

@@ -13,6 +13,7 @@ TASKS = {
     "mmlu": "qianwen.eval.tasks.choice:MMLU",
     "ceval": "qianwen.eval.tasks.choice:CEVAL",
     "arith": "qianwen.eval.tasks.arith",
+    "instruct": "qianwen.eval.tasks.instruct",
     "bpb": "qianwen.eval.tasks.bpb",
     "longctx": "qianwen.eval.tasks.longctx",
     "tool": "qianwen.eval.tasks.tool",
