@@ -229,6 +229,7 @@ def section_pretrain(out: Path, plots: dict[str, str]) -> Section | None:
         ["parameters", f"{config.num_params:,}"],
         ["layers x hidden, heads", f"{config.num_layers} x {config.hidden_size}, {config.num_heads}"],
         ["vocabulary, training length", f"{config.vocab_size:,}, {config.seq_length:,}"],
+        ["optimizer (peak rate)", _optimizer(meta)],
         ["tokens/s (last logged step)", f"{last.get('tokens_per_s', 0):,.0f}"],
         ["MFU (last logged step)", f"{last['mfu']:.1%}" if last.get("mfu") is not None else "—"],
     ]
@@ -239,6 +240,14 @@ def section_pretrain(out: Path, plots: dict[str, str]) -> Section | None:
     if "pretrain" in plots:
         blocks.append(Image(plots["pretrain"], "pretraining: loss, learning rate, gradient norm, bits per byte"))
     return Section(summary, f"{tokens:,} tokens", blocks)
+
+
+def _optimizer(meta: dict) -> str:
+    config = meta.get("config", {})
+    adamw = f"AdamW ({config.get('lr', 0):g})"
+    if meta.get("optimizer") == "muon":
+        return f"Muon for the layers' matrices ({config.get('muon_lr', 0):g}) + {adamw}"
+    return adamw
 
 
 def section_tasks(out: Path) -> Section | None:

@@ -51,8 +51,10 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics" / "pretrain.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, optimizer):
     settings = ["steps=8", "save_every=4", "log_every=1", "warmup_steps=2", "lr=3e-3", "model.dropout=0.1"]
+    settings.append(f"optimizer={optimizer}")
     whole = losses(run(data_dir, tmp_path / "whole", *settings))
     assert len(whole) == 8
 

@@ -15,8 +15,9 @@ import torch
 from qianwen.config import apply_overrides, build, parse_value, preset
 from qianwen.model import Transformer
 from qianwen.recipe import RECIPES
+from qianwen.train import loop
 from qianwen.train.data import TokenShards, WindowSampler
-from qianwen.train.loop import LoopConfig, lr_at, make_optimizer
+from qianwen.train.loop import LoopConfig, Runtime, lr_at, make_optimizers, optimizer_name
 from qianwen.train.pretrain import PretrainConfig, load_config
 
 
@@ -39,7 +40,7 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
 
 def test_weight_decay_on_matrices_only():
     model = Transformer(preset("tiny-1m", vocab_size=64))
-    opt = make_optimizer(model, LoopConfig(), torch.device("cpu"))
+    (opt,) = make_optimizers(model, LoopConfig(), torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -48,6 +49,41 @@ def test_weight_decay_on_matrices_only():
     assert any(names[id(p)].endswith("qkv.bias") for p in plain["params"])
     assert any(names[id(p)] == "embed.weight" for p in decayed["params"])
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_muon_takes_the_layers_matrices_and_adamw_the_rest():
+    model = Transformer(preset("tiny-1m", vocab_size=64))
+    config = LoopConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    muon, adamw = make_optimizers(model, config, torch.device("cpu"), "muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    (matrices,) = muon.param_groups
+    kinds = {names[id(p)].split(".", 2)[-1] for p in matrices["params"]}
+    assert isinstance(muon, torch.optim.Muon) and kinds == {
+        "attn.qkv.weight",
+        "attn.proj.weight",
+        "mlp.gate_up.weight",
+        "mlp.down.weight",
+    }
+    assert len(matrices["params"]) == 4 * model.config.num_layers
+    decayed, plain = adamw.param_groups
+    assert {names[id(p)] for p in decayed["params"]} == {"embed.weight", "lm_head.weight"}
+    assert all(p.ndim == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    # Muon's rate is 20x AdamW's on the shared schedule; its decoupled decay per step (lr * wd) is AdamW's.
+    assert matrices["lr_scale"] == pytest.approx(20.0)
+    assert matrices["lr"] * matrices["weight_decay"] == pytest.approx(config.lr * config.weight_decay)
+
+
+def test_auto_optimizer_is_muon_only_where_its_bf16_matmuls_are_native(monkeypatch):
+    def runtime(device: str, world: int = 1) -> Runtime:
+        return Runtime(rank=0, world=world, device=torch.device(device), mesh=None)
+
+    auto = LoopConfig(optimizer="auto")
+    monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda: True)
+    assert optimizer_name(auto, runtime("cpu")) == "muon" and optimizer_name(auto, runtime("cuda")) == "muon"
+    assert optimizer_name(auto, runtime("cpu", world=2)) == "adamw"  # FSDP2 shards the matrices
+    monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda: False)
+    assert optimizer_name(auto, runtime("cpu")) == "adamw"
+    assert optimizer_name(LoopConfig(optimizer="muon"), runtime("cpu")) == "muon"  # asked for, it is used
 
 
 def test_override_values_read_as_toml():
@@ -67,6 +103,7 @@ def test_override_values_read_as_toml():
         ("nope.x=1", "unknown config key pretrain.nope; valid keys in [pretrain] are "),
         ("justtext", "is not key=value"),
         ("steps=0", "steps must be at least 1"),
+        ("optimizer=sgd", "optimizer must be adamw, muon or auto, got 'sgd'"),
     ],
 )
 def test_bad_settings_are_one_sentence(override, message):

@@ -4,7 +4,7 @@ A stage (pretrain, SFT, reward model, PPO) hands the loop a module whose forward
 the mean loss, a function giving the batch of (step, micro-step), an optional evaluation and a function that
 writes the model as a Hugging Face directory. The loop owns the rest: processes and devices, FSDP2 sharding
 applied from outside the model (torchtitan's order: activation checkpointing, compile, shard), AdamW with
-decay on matrices only, warmup + cosine to a floor, accumulation, clipping, the NaN guard, metrics, the
+decay on matrices only (or Muon for the layers' matrices, `optimizer = "muon"`), warmup + cosine to a floor, accumulation, clipping, the NaN guard, metrics, the
 progress bar, and checkpoints that resume exactly.
 
 A checkpoint is `checkpoints/<stage>/step-NNNNNNN/`: `model/` (a HF directory anyone can load), `state/`
@@ -50,6 +50,9 @@ class LoopConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: str = "adamw"  # or "muon": Muon for the layers' matrices, AdamW (above) for the rest; or "auto"
+    muon_lr: float = 0.02  # Muon's peak rate, on the same schedule as lr
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
     seed: int = 0
@@ -74,6 +77,10 @@ class LoopConfig:
             raise ValueError(f"lr must be positive and min_lr_ratio in [0, 1]; got {self.lr} and {self.min_lr_ratio}.")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}.")
+        if self.optimizer not in ("adamw", "muon", "auto"):
+            raise ValueError(f"optimizer must be adamw, muon or auto, got {self.optimizer!r}.")
+        if not self.muon_lr > 0:
+            raise ValueError(f"muon_lr must be positive, got {self.muon_lr}.")
 
 
 class TrainingError(RuntimeError):
@@ -197,18 +204,58 @@ def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
     return None
 
 
-def make_optimizer(module: nn.Module, config: LoopConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings included) only, never on biases or norm gains."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def optimizer_name(config: LoopConfig, runtime: Runtime) -> str:
+    """`auto`: Muon in one process on a GPU or an AMX CPU, else AdamW. Muon orthogonalises each update with
+    Newton-Schulz matmuls in bf16 (torch.optim.Muon), about half a tiny-recipe step's FLOPs at its 1k-token
+    batches: 13% more time a step with AMX, 2.6x without it (benchmarks/ANALYSIS.md); and FSDP2 shards the
+    matrices it needs whole."""
+    if config.optimizer != "auto":
+        return config.optimizer
+    native = runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
+    return "muon" if native and runtime.world == 1 else "adamw"
+
+
+def make_optimizers(
+    module: nn.Module, config: LoopConfig, device: torch.device, name: str = "adamw"
+) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices (embeddings included) only, never on biases or norm gains; with
+    `name = "muon"`, Muon takes the transformer layers' matrices and AdamW the embeddings, the output head,
+    biases and gains (Muon orthogonalises a whole matrix's update, which suits hidden layers, not a lookup table
+    or the head). Each parameter group's `lr_scale` is its peak rate over `lr`."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if name == "muon" and p.ndim == 2 and "layers." in n]
+    taken = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
     ]
     # The fused kernel: on a CPU a fifth of the default's time (5 against 25 ms a step for 9M parameters).
     fused = device.type in ("cuda", "cpu") or None
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused, foreach=None
+    adamw = torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused,
+        foreach=None,
     )
+    if not muon:
+        return [adamw]
+    if any(hasattr(p, "full_tensor") for p in muon):
+        raise ValueError(
+            'optimizer = "muon" runs in one process: Muon needs each whole matrix, which FSDP2 shards; '
+            'use optimizer = "adamw" under torchrun.'
+        )
+    # Decoupled decay is lr * weight_decay per step: scaled so Muon's matrices decay as fast as AdamW's would.
+    scale = config.muon_lr / config.lr
+    matrices = torch.optim.Muon(
+        [{"params": muon, "lr_scale": scale}],
+        lr=config.muon_lr,
+        weight_decay=config.weight_decay / scale,
+        momentum=config.muon_momentum,
+    )
+    return [matrices, adamw]
 
 
 def peak_flops(config: LoopConfig, device: torch.device, dtype: torch.dtype | None = None) -> float | None:
@@ -257,7 +304,8 @@ class Trainer:
         self.checkpoints = self.run_dir / "checkpoints" / stage.name
         self.metrics_path = self.run_dir / "metrics" / f"{stage.name}.jsonl"
         self.module = prepare(stage.module, config, runtime)
-        self.optimizer = make_optimizer(self.module, config, runtime.device)
+        self.optimizer_name = optimizer_name(config, runtime)
+        self.optimizers = make_optimizers(self.module, config, runtime.device, self.optimizer_name)
         self.autocast = autocast_dtype(config, runtime)
         self.step = 0
         self.history: list[dict] = []
@@ -278,7 +326,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.runtime.barrier()
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizers)
         with single_process_quiet():
             dcp_save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
         torch.save(rng, tmp / f"rng-{self.runtime.rank}.pt")
@@ -289,6 +337,7 @@ class Trainer:
                 "step": self.step,
                 "tokens_seen": self.step * self.stage.tokens_per_step,
                 "world_size": self.runtime.world,
+                "optimizer": self.optimizer_name,
                 "config": dataclasses.asdict(self.config),
             }
             atomic_write(tmp / "trainer.json", json.dumps(trainer, indent=2))
@@ -311,11 +360,11 @@ class Trainer:
         if path is None:
             return 0
         trainer = json.loads((path / "trainer.json").read_text())
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizers)
         state = {"model": model_state, "optim": optim_state}
         with single_process_quiet():
             dcp_load(state, checkpoint_id=path / "state")
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng-{self.runtime.rank}.pt"
         if rng.is_file():  # a different world size has no state for new ranks: they keep their seed
             set_rng_state(torch.load(rng, weights_only=False))
@@ -378,10 +427,11 @@ class Trainer:
         if not torch.isfinite(norm):
             self._diverged(f"the gradient norm became {norm.item()}")
         lr = lr_at(self.step, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, norm
 

@@ -25,6 +25,7 @@ from qianwen.train.loop import (
     Trainer,
     hf_export,
     init_runtime,
+    optimizer_name,
     shutdown,
     train_flops_per_token,
 )
@@ -119,6 +120,7 @@ def _pretrain(config, mconfig, train, val, tokenizer, runtime: Runtime, resume: 
     evaluate = _evaluator(lm, val, tokenizer, mconfig, config, runtime)
     run_dir = Path(config.out)
     metadata = {"stage": "pretrain", "data": str(Path(config.data).resolve()), "config": asdict(config)}
+    metadata["optimizer"] = optimizer_name(config, runtime)
 
     stage = Stage(
         name="pretrain",
