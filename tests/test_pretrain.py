@@ -72,6 +72,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, optimizer):
     assert (tmp_path / "split/checkpoints/pretrain/latest").read_text() == "step-0000004"
     assert [r["step"] for r in metrics(tmp_path / "split") if "loss" in r] == [1, 2, 3, 4, 5]
 
+    other = "adamw" if optimizer == "muon" else "muon"
+    with pytest.raises(ValueError, match=f"was trained with {optimizer} and this run would use {other}"):
+        run(data_dir, tmp_path / "split", *settings, f"optimizer={other}", resume=True)
     resumed = losses(run(data_dir, tmp_path / "split", *settings, resume=True))
     np.testing.assert_allclose(resumed, whole[4:], atol=1e-6, rtol=0)
     assert losses(metrics(tmp_path / "split")) == pytest.approx(whole, abs=1e-6)  # the log has no repeats

@@ -360,6 +360,13 @@ class Trainer:
         if path is None:
             return 0
         trainer = json.loads((path / "trainer.json").read_text())
+        saved = trainer.get("optimizer", "adamw")
+        if saved != self.optimizer_name:
+            raise ValueError(
+                f"{path} was trained with {saved} and this run would use {self.optimizer_name} (optimizer="
+                f"{self.config.optimizer!r}); set optimizer={saved} to resume it (muon needs one process), or "
+                "start afresh in another out directory."
+            )
         model_state, optim_state = get_state_dict(self.module, self.optimizers)
         state = {"model": model_state, "optim": optim_state}
         with single_process_quiet():
