@@ -138,22 +138,29 @@ def test_validation_loss_falls_below_the_unigram_entropy(data_dir, tmp_path, cap
     assert meta["stage"] == "pretrain" and meta["unigram_entropy"] == pytest.approx(entropy, abs=1e-3)
 
 
-def test_torchrun_fsdp2_matches_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_fsdp2_matches_one_process(data_dir, tmp_path, optimizer):
     """Two gloo processes under FSDP2, each with half the batch, against one process with all of it."""
     common = ["steps=4", "log_every=1", "warmup_steps=1", "lr=3e-3", "eval_batches=1", "dtype=fp32"]
+    common.append(f"optimizer={optimizer}")
     single = losses(run(data_dir, tmp_path / "one", *common, *SMALL[:-1], "batch_size=4"))
     args = [f"data={data_dir}", f"out={tmp_path / 'two'}", *common, *SMALL[:-1], "batch_size=2"]
     proc = torchrun(["pretrain", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = metrics(tmp_path / "two")
-    np.testing.assert_allclose(losses(two), single, atol=1e-5, rtol=0)
+    # Muon's Newton-Schulz runs in bf16 (torch.optim.Muon), here on sharded DTensors whose products sum in
+    # another order (in fp32 the sharded and whole iterations agree to 5e-7). It maps a gradient's small singular
+    # values to about 1, so those rounding differences grow into the update: after 4 steps the losses differ by
+    # about 2e-4 and the layers' matrices by up to a fifth of one update (0.007).
+    tol, weights = (1e-5, 1e-5) if optimizer == "adamw" else (1e-3, 2e-2)
+    np.testing.assert_allclose(losses(two), single, atol=tol, rtol=0)
     one_val = [r for r in metrics(tmp_path / "one") if "val_loss" in r]
     two_val = [r for r in two if "val_loss" in r]
-    assert two_val[-1]["val_loss"] == pytest.approx(one_val[-1]["val_loss"], abs=1e-5)
+    assert two_val[-1]["val_loss"] == pytest.approx(one_val[-1]["val_loss"], abs=tol)
     a, _ = qianwen.load(tmp_path / "one" / "base")
     b, _ = qianwen.load(tmp_path / "two" / "base")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(x, y, atol=weights, rtol=1e-4, msg=name)
 
 
 def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):

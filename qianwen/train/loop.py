@@ -207,8 +207,9 @@ def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
 def optimizer_name(config: LoopConfig, runtime: Runtime) -> str:
     """`auto`: Muon in one process on a GPU or an AMX CPU, else AdamW. Muon orthogonalises each update with
     Newton-Schulz matmuls in bf16 (torch.optim.Muon), about half a tiny-recipe step's FLOPs at its 1k-token
-    batches: 13% more time a step with AMX, 2.6x without it (benchmarks/ANALYSIS.md); and FSDP2 shards the
-    matrices it needs whole."""
+    batches: 13% more time a step with AMX, 2.6x without it (benchmarks/ANALYSIS.md). Under FSDP2 those
+    matmuls run on sharded DTensors, which gather what each product needs: right (tests/test_pretrain.py), but
+    their cost across GPUs is unmeasured, so `auto` leaves several processes on AdamW."""
     if config.optimizer != "auto":
         return config.optimizer
     native = runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
@@ -242,11 +243,6 @@ def make_optimizers(
     )
     if not muon:
         return [adamw]
-    if any(hasattr(p, "full_tensor") for p in muon):
-        raise ValueError(
-            'optimizer = "muon" runs in one process: Muon needs each whole matrix, which FSDP2 shards; '
-            'use optimizer = "adamw" under torchrun.'
-        )
     # Decoupled decay is lr * weight_decay per step: scaled so Muon's matrices decay as fast as AdamW's would.
     scale = config.muon_lr / config.lr
     matrices = torch.optim.Muon(
