@@ -4,8 +4,8 @@ A stage (pretrain, SFT, reward model, PPO) hands the loop a module whose forward
 the mean loss, a function giving the batch of (step, micro-step), an optional evaluation and a function that
 writes the model as a Hugging Face directory. The loop owns the rest: processes and devices, FSDP2 sharding
 applied from outside the model (torchtitan's order: activation checkpointing, compile, shard), AdamW with
-decay on matrices only (or Muon for the layers' matrices, `optimizer = "muon"`), warmup + cosine to a floor, accumulation, clipping, the NaN guard, metrics, the
-progress bar, and checkpoints that resume exactly.
+decay on matrices only (or Muon for the layers' matrices), warmup + cosine to a floor, accumulation, clipping,
+the NaN guard, metrics, the progress bar, and checkpoints that resume exactly.
 
 A checkpoint is `checkpoints/<stage>/step-NNNNNNN/`: `model/` (a HF directory anyone can load), `state/`
 (model + optimizer through torch.distributed.checkpoint, so any world size can load it), `rng-<rank>.pt`
@@ -196,10 +196,14 @@ def cpu_has_bf16_matmul() -> bool:
     return bool(probe and probe())
 
 
+def native_bf16(runtime: Runtime) -> bool:
+    """Whether the device multiplies bf16 matrices in hardware (CUDA, AMX CPUs)."""
+    return runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
+
+
 def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
     """bf16 when asked, or under `auto` where the hardware computes in it (CUDA, AMX CPUs); else None (fp32)."""
-    native = runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
-    if config.dtype == "bf16" or (config.dtype == "auto" and native):
+    if config.dtype == "bf16" or (config.dtype == "auto" and native_bf16(runtime)):
         return torch.bfloat16
     return None
 
@@ -212,8 +216,7 @@ def optimizer_name(config: LoopConfig, runtime: Runtime) -> str:
     their cost across GPUs is unmeasured, so `auto` leaves several processes on AdamW."""
     if config.optimizer != "auto":
         return config.optimizer
-    native = runtime.device.type == "cuda" or (runtime.device.type == "cpu" and cpu_has_bf16_matmul())
-    return "muon" if native and runtime.world == 1 else "adamw"
+    return "muon" if native_bf16(runtime) and runtime.world == 1 else "adamw"
 
 
 def make_optimizers(
