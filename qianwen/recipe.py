@@ -54,7 +54,7 @@ class LongContextSettings:
 
 @dataclass
 class EvalSettings:
-    tasks: str = "arith"
+    tasks: str = "arith,instruct"
     chat_tasks: str = "tool"
     limit: int = 100
     chat_limit: int = 0
