@@ -108,4 +108,9 @@ def check_answer(kind: str, expected: str, reply: str, lang: str | None = None) 
     """Whether `reply` answers right (and in the right language where that is checked; see `flaws`), however
     rambling or unended it is: "The answer is N." / "答案是 N。" / "Final Answer: N" (commas, "$" and "**"
     allowed), else the last number, for arithmetic; the reply's last line for sorting, repeating, upper case."""
-    return not {"wrong_answer", "wrong_language"} & set(flaws(kind, expected, reply, lang))
+    return answered(flaws(kind, expected, reply, lang))
+
+
+def answered(found: list[str]) -> bool:
+    """Whether a reply with these flaws (from `flaws`) still answers right: rambling and unended ones can."""
+    return not {"wrong_answer", "wrong_language"} & set(found)

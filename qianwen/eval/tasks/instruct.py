@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from qianwen.checks import END, KINDS, flaws
+from qianwen.checks import END, KINDS, answered, flaws
 from qianwen.eval.harness import TaskOptions, TaskResult, data_path, generate_all, read_jsonl, read_options
 
 NAME = "instruct"
@@ -56,7 +56,7 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
                 "kind": row["kind"],
                 "reply": completion.text,
                 "answer": str(row["answer"]),
-                "correct": not {"wrong_answer", "wrong_language"} & set(found),
+                "correct": answered(found),
                 "flaws": found,
             }
         )
