@@ -392,7 +392,35 @@ def section_ppo(out: Path, plots: dict[str, str]) -> Section | None:
     ]
     if "ppo" in plots:
         blocks.append(Image(plots["ppo"], "PPO: reward, KL, clip fraction, reply length"))
+    blocks += _held_out_reward(out)
     return Section(summary, f"{replies:,} replies ({tokens:,} tokens)", blocks)
+
+
+def _held_out_reward(out: Path) -> list[Block]:
+    """The reward model on sft/'s and ppo/'s greedy replies to the held-out prompts (eval/reward.json)."""
+    scores = read_json(out / "eval" / "reward.json")
+    if not scores or not scores.get("tasks"):
+        return []
+    first, second = scores["models"]
+    rows = [
+        [
+            task,
+            f"{t['mean'][first]:+.3f}",
+            f"{t['mean'][second]:+.3f}",
+            f"{t['preferred'][second]} / {t['preferred'][first]} of {t['different_replies']}",
+        ]
+        for task, t in sorted(scores["tasks"].items())
+    ]
+    return [
+        Paragraph(
+            f"What PPO optimises, on prompts it never saw: the reward model's normalised score of {first}/'s and "
+            f"{second}/'s greedy replies to the evaluation's held-out prompts, and, where the two replies differ, "
+            f"how many of {second}/'s it scores higher than {first}/'s."
+        ),
+        Table(
+            ["held-out task", f"{first} reward", f"{second} reward", f"{second} preferred / {first} preferred"], rows
+        ),
+    ]
 
 
 def _fmt(value) -> str:

@@ -42,6 +42,7 @@ SAMPLES = "samples.json"
 SAMPLE_PROMPT = "def fibonacci(n):\n"
 SAMPLE_TOKENS = 48
 CHAT_PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have now?"
+REWARD_SCORES = "eval/reward.json"  # the reward model on sft/'s and ppo/'s held-out replies
 PLOTS = ("pretrain.png", "sft.png", "rm.png", "ppo.png")
 
 Log = Callable[..., None]
@@ -71,7 +72,7 @@ STAGES = (
         ("sft", "tasks"),
     ),
     Stage("ppo", ("ppo", "checkpoints/ppo", "metrics/ppo.jsonl"), ("sft", "rm", "tasks")),
-    Stage("eval", ("eval",), ("pretrain", "sft", "ppo", "tasks", "data")),
+    Stage("eval", ("eval",), ("pretrain", "sft", "ppo", "tasks", "data"), ("rm",)),
     Stage("sample", (SAMPLES,), ("pretrain",), ("sft", "ppo")),
     Stage("report", ("report.md", "report.html", *PLOTS)),
 )
@@ -370,7 +371,8 @@ def done(ctx: Context, name: str) -> bool:
     if name == "ppo":
         return _stage_of(out / "ppo") == "ppo"
     if name == "eval":
-        return all(_has_tasks(out / "eval" / f"{m}.json", eval_tasks(ctx.settings.eval, m)) for m in EVALUATED)
+        scored = all(_has_tasks(out / "eval" / f"{m}.json", eval_tasks(ctx.settings.eval, m)) for m in EVALUATED)
+        return scored and ((out / REWARD_SCORES).is_file() or _reply_samples(out) is None)
     if name == "sample":
         return (out / SAMPLES).is_file()
     return False  # the report card is rendered on every run: it only reads files
@@ -518,6 +520,27 @@ def eval_stage(ctx: Context) -> None:
             # Each write holds the groups scored before this one too, so the summary is never partial.
             write = lambda d, t=target, f=list(finished), m=meta: harness.write_outputs(t, f + d, m)
             finished += harness.run_tasks(model, tok, subset, options, mine, write)
+    if not (out / REWARD_SCORES).is_file() and (samples := _reply_samples(out)):
+        from qianwen.train.reward import compare_replies
+
+        ctx.log("      scoring sft/ and ppo/ replies with rm/")
+        scores = compare_replies(out / "rm", samples, device=str(_device(settings.device)))
+        atomic_write(out / REWARD_SCORES, json.dumps(scores, indent=2))
+
+
+def _reply_samples(out: Path) -> dict[str, dict[str, Path]] | None:
+    """sft/'s and ppo/'s per-sample logs of the tasks that answer prompts with a reply (arith, instruct), for
+    the reward model to compare; None when the run has no reward model or no such logs."""
+    if _stage_of(out / "rm") != "rm":
+        return None
+    found: dict[str, dict[str, Path]] = {"sft": {}, "ppo": {}}
+    for model, tasks in found.items():
+        for path in sorted((out / "eval").glob(f"{model}.*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                head = json.loads(f.readline() or "{}")
+            if {"prompt", "reply"} <= head.keys():
+                tasks[path.name.split(".")[1]] = path
+    return found if found["sft"].keys() & found["ppo"].keys() else None
 
 
 def _limit(settings, task: str, chat: set[str]) -> int | None:

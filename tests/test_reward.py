@@ -17,6 +17,7 @@ from qianwen.tokenizer import Tokenizer
 from qianwen.train.reward import (
     PairBatches,
     Pairs,
+    compare_replies,
     load_config,
     load_reward_model,
     read_pairs,
@@ -92,6 +93,38 @@ def test_both_stages_separate_pairs_and_export_a_sequence_classifier(base_dir, t
         ours = rm(ids, torch.tensor([ids.shape[1] - 1]), pairwise=False)
         theirs = hf(ids).logits[:, 0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_held_out_replies_of_two_models_are_compared_by_the_reward_model(base_dir, tmp_path):
+    clean = pairs_file(tmp_path / "clean.jsonl", 100, seed=2)
+    reward_model(load_config(None, [f"model={base_dir}", f"data={clean}", f"out={tmp_path}", "lr=3e-3", "steps=30"]))
+    rm, tok, stats = load_reward_model(tmp_path / "rm")
+    # "sft" answers right; "ppo" answers the same on the first 4 prompts, wrongly on the next 8, the last unended.
+    rng = np.random.default_rng(5)
+    sums = [(int(a), int(b)) for a, b in rng.integers(0, 50, (12, 2))]
+    right = [{"prompt": f"{a}+{b}=?", "reply": f"It is {a + b}.", "ended": True} for a, b in sums]
+    other = right[:4] + [{**r, "reply": f"um {a + b + 3}..."} for r, (a, b) in zip(right[4:], sums[4:])]
+    other[-1] = {**other[-1], "ended": False}
+    files = {}
+    for model, rows in (("sft", right), ("ppo", other)):
+        files[model] = {"sums": tmp_path / f"{model}.sums.jsonl"}
+        files[model]["sums"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = compare_replies(tmp_path / "rm", files)["tasks"]["sums"]
+
+    def score(r):  # one row at a time, no padding: the reward at the reply's last token
+        ids = torch.tensor([reply_ids(tok, {**r, "reply_ended": r["ended"]}, "reply")])
+        with torch.no_grad():
+            return (rm(ids, torch.tensor([ids.shape[1] - 1]), pairwise=False).item() - stats["mean"]) / stats["std"]
+
+    alone = {m: np.array([score(r) for r in rows]) for m, rows in (("sft", right), ("ppo", other))}
+    assert result["prompts"] == 12 and result["different_replies"] == 8
+    for model in ("sft", "ppo"):
+        assert result["mean"][model] == pytest.approx(alone[model].mean(), abs=1e-3)
+    assert result["preferred"] == {
+        "sft": int((alone["sft"] > alone["ppo"])[4:].sum()),
+        "ppo": 8 - result["preferred"]["sft"],
+    }
+    assert result["preferred"]["sft"] >= 7  # the trained model prefers right sums
 
 
 def test_a_held_out_file_scores_both_stages_whole_and_per_rejection_kind(base_dir, tmp_path):

@@ -61,7 +61,7 @@ OUTPUTS = {
     "sft": ["sft/model.safetensors"],
     "rm": ["rm/model.safetensors"],
     "ppo": ["ppo/model.safetensors"],
-    "eval": ["eval/base.json", "eval/sft.json", "eval/ppo.json"],
+    "eval": ["eval/base.json", "eval/sft.json", "eval/ppo.json", "eval/reward.json"],
     "sample": ["samples.json"],
     "report": ["report.md", "report.html", *PLOTS],
 }
@@ -134,6 +134,12 @@ def test_every_artefact_exists_and_loads(finished):
         "sft": {"arith", "instruct", "tool"},
         "ppo": {"arith", "instruct", "tool"},
     }
+    compared = json.loads((out / "eval" / "reward.json").read_text())
+    assert compared["models"] == ["sft", "ppo"] and set(compared["tasks"]) == {"arith", "instruct"}
+    assert all(
+        t["prompts"] == 2 and 0 <= sum(t["preferred"].values()) <= t["different_replies"]
+        for t in compared["tasks"].values()
+    )
     assert (out / "eval" / "base.longctx.longctx.png").is_file()
     windows = [json.loads(line) for line in (out / "eval" / "base.longctx.jsonl").read_text().splitlines()]
     assert len({w["targets"] for w in windows}) == 1  # every length scores the same span, whatever eval.limit
@@ -166,6 +172,8 @@ def test_the_report_card_names_every_stage_and_embeds_its_plots(finished):
         "| exact_dedup |",
         "tokens written",
         "### Long context",
+        "| instruct | ",  # the reward model on sft/'s and ppo/'s held-out replies
+        "ppo preferred / sft preferred",
     ):
         assert words in report, words
     # tokens per stage, from the files the stages wrote

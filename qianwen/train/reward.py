@@ -339,3 +339,55 @@ def load_reward_model(directory: str | Path, device: str = "cpu") -> tuple[Rewar
         rm.score.weight.copy_(load_file(source)["score.weight"])
     meta = json.loads((directory / "qianwen.json").read_text())
     return rm, tokenizer, meta.get("reward", {"mean": 0.0, "std": 1.0})
+
+
+@torch.no_grad()
+def score_replies(rm: RewardModel, tokenizer: Tokenizer, records: list[dict], batch_size: int = 32) -> list[float]:
+    """The reward of each `{prompt | messages, reply, reply_ended}` record (its reply ended with <|im_end|>
+    unless `reply_ended` is false), as PPO reads it: the scalar head at the reply's last token."""
+    rows = [reply_ids(tokenizer, record, "reply") for record in records]
+    device = rm.score.weight.device
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        ids = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id, dtype=torch.long)
+        for r, row in enumerate(batch):
+            ids[r, : len(row)] = torch.tensor(row)
+        last = torch.tensor([len(row) - 1 for row in batch], device=device)
+        scores += rm(ids.to(device), last, pairwise=False).tolist()
+    return scores
+
+
+def compare_replies(rm_dir: str | Path, samples: dict[str, dict[str, Path]], device: str = "cpu") -> dict:
+    """What PPO targets, on held-out prompts: the reward model scores two models' replies to the same prompts
+    (`samples[model][task]`, the per-sample JSONL of `qianwen eval` with prompt, reply and ended). Per task:
+    each model's mean normalised reward, and of the prompts where the replies differ, how many each model's
+    reply scored higher on."""
+    rm, tokenizer, stats = load_reward_model(rm_dir, device=device)
+    first, second = samples
+    result: dict = {"reward_model": str(rm_dir), "models": [first, second], "tasks": {}}
+    for task in samples[first].keys() & samples[second].keys():
+        rows = {}
+        for model in (first, second):
+            with open(samples[model][task], encoding="utf-8") as f:
+                rows[model] = [json.loads(line) for line in f if line.strip()]
+        if [r["prompt"] for r in rows[first]] != [r["prompt"] for r in rows[second]]:
+            continue  # scored on different prompts: nothing to compare
+        scores = {}
+        for model, records in rows.items():
+            replies = [
+                {"prompt": r["prompt"], "reply": r["reply"], "reply_ended": r.get("ended", True)} for r in records
+            ]
+            raw = np.array(score_replies(rm, tokenizer, replies))
+            scores[model] = (raw - stats["mean"]) / max(stats["std"], 1e-6)
+        differ = np.array([a["reply"] != b["reply"] for a, b in zip(rows[first], rows[second])], dtype=bool)
+        result["tasks"][task] = {
+            "prompts": len(differ),
+            "mean": {m: round(float(s.mean()), 4) for m, s in scores.items()},
+            "different_replies": int(differ.sum()),
+            "preferred": {
+                first: int((scores[first] > scores[second])[differ].sum()),
+                second: int((scores[second] > scores[first])[differ].sum()),
+            },
+        }
+    return result

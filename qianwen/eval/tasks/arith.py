@@ -67,6 +67,7 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
             {
                 "prompt": row["prompt"],
                 "reply": completion.text,
+                "ended": completion.finish_reason == "stop",
                 "predicted": predicted,
                 "answer": answer,
                 "correct": correct,

@@ -55,6 +55,7 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
                 "prompt": row["prompt"],
                 "kind": row["kind"],
                 "reply": completion.text,
+                "ended": completion.finish_reason == "stop",
                 "answer": str(row["answer"]),
                 "correct": answered(found),
                 "flaws": found,
