@@ -477,13 +477,13 @@ def section_eval(out: Path) -> Section | None:
     samples = sum(t["samples"] for s in found.values() for t in s["tasks"].values())
     headline = []
     for task in tasks:
-        values = []
-        for model in columns:
-            metrics = found[model]["tasks"].get(task, {}).get("metrics", {})
-            if metrics:
-                metric, value = next(iter(metrics.items()))
-                values.append(f"{model} {_number(metric, value)}")
-        headline.append(f"{task}: {', '.join(values)}")
+        for metric, label in _headline_metrics(task, found):
+            values = []
+            for model in columns:
+                value = found[model]["tasks"].get(task, {}).get("metrics", {}).get(metric)
+                if value is not None:
+                    values.append(f"{model} {_number(metric, value)}")
+            headline.append(f"{label}: {', '.join(values)}")
     limit = next(iter(found.values())).get("limit")
     summary = f"held-out scores ({limit} per task at most) " + "; ".join(headline)
     blocks: list[Block] = [
@@ -499,6 +499,19 @@ def section_eval(out: Path) -> Section | None:
         blocks += _longctx(out, found["base"])
         summary += "; long-context table for base/"
     return Section(summary, f"{samples:,} samples", blocks)
+
+
+def _headline_metrics(task: str, found: dict) -> list[tuple[str, str]]:
+    """The metrics a task's headline shows: its first, and those of the same kind beside it (the tool task's
+    `direct_accuracy` and `agent_accuracy`, so the headline does not show the direct answers alone)."""
+    names = list(dict.fromkeys(k for s in found.values() for k in s["tasks"].get(task, {}).get("metrics", {})))
+    if not names:
+        return []
+    kind = names[0].rpartition("_")[2] if "_" in names[0] else None
+    same = [n for n in names if kind and "/" not in n and n.endswith(f"_{kind}")]
+    if len(same) < 2:
+        return [(names[0], task)]
+    return [(n, f"{task} {n.removesuffix(f'_{kind}')}") for n in same]
 
 
 def section_sample(out: Path) -> Section | None:

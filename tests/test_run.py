@@ -174,6 +174,8 @@ def test_the_report_card_names_every_stage_and_embeds_its_plots(finished):
         "### Long context",
         "| instruct | ",  # the reward model on sft/'s and ppo/'s held-out replies
         "ppo preferred / sft preferred",
+        "tool direct: sft ",  # the headline shows the agent beside the direct answers
+        "tool agent: sft ",
     ):
         assert words in report, words
     # tokens per stage, from the files the stages wrote
