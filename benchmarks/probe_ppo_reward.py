@@ -1,7 +1,8 @@
 """Is the reward model what keeps PPO from raising arithmetic? The probe behind ANALYSIS.md's "PPO with a
-perfect reward": PPO from a run's SFT model with the task checker (`qianwen.checks.check_answer`) as the reward
-instead of the reward model, scored like the recipe's eval (greedy, held-out arithmetic), next to the sampled
-accuracy and pass@k of both models at PPO's own sampling (T = 1, top-p 0.9).
+perfect reward": PPO from a run's SFT model with the task checker as the reward (`reward=checker`: 1 for a
+right, ended reply as `qianwen.checks` judges it) instead of the reward model, scored like the recipe's eval
+(greedy, held-out arithmetic), next to the sampled accuracy and pass@k of both models at PPO's own sampling
+(T = 1, top-p 0.9).
 
     python -m benchmarks.probe_ppo_reward --run runs/tiny --out /tmp/oracle [lr=1e-4 ptx_coef=0 ...]
 
@@ -27,18 +28,6 @@ from qianwen.train.ppo import load_config, ppo
 def read(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def checker_reward(prompts: list[dict]):
-    """The checker as a PPO reward: 1 for a right, ended reply to the prompt's task, else 0."""
-    by_text = {r["prompt"]: r for r in prompts}
-
-    def reward(prompt: str, reply: str, ended: bool) -> float:
-        user = prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-        task = by_text[user]
-        return float(ended and check_answer(task["kind"], task["answer"], reply, task["lang"]))
-
-    return reward
 
 
 def scores(model_dir: Path, problems: list[dict], k: int) -> dict[str, float]:
@@ -75,9 +64,10 @@ def main() -> None:
     config = load_config(
         "tiny",
         [f"policy={run / 'sft'}", f"prompts={run / 'tasks/ppo.jsonl'}", f"ptx_data={run / 'data'}", f"out={args.out}"]
+        + ["reward=checker"]
         + args.overrides,
     )
-    history = ppo(config, reward_fn=checker_reward(read(run / "tasks/ppo.jsonl")))
+    history = ppo(config)
     rewards = [r["reward"] for r in history]
     third = max(len(rewards) // 3, 1)
     problems = read(run / "tasks/arith_eval.jsonl")

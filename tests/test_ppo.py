@@ -110,6 +110,50 @@ def test_four_models_from_the_reward_model_directory(setup, capsys):
     assert "ppo step 2/2" in capsys.readouterr().out
 
 
+def test_the_checker_rewards_replies_that_end_with_their_prompts_answer(setup, monkeypatch, tmp_path):
+    """reward=checker wiring: each reply is checked against its own prompt's record (replies fixed here, since a
+    random model never answers right)."""
+    import qianwen.train.ppo as ppo_module
+    from qianwen.generate import Completion
+
+    records = [
+        {"prompt": "Tom has 3 apples and buys 4 more. How many?", "answer": "7"},
+        {"prompt": "请将“cat”写成大写字母。", "answer": "CAT", "kind": "uppercase", "lang": "zh"},
+    ]
+    prompts = tmp_path / "tasks.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    replies = {  # per prompt, its two samples: (text, finish_reason) and the reward the checker must give
+        records[0]["prompt"]: [(("The answer is 7.", "stop"), 1.0), (("The answer is 7.", "length"), 0.0)],
+        records[1]["prompt"]: [(("大写：CAT", "stop"), 1.0), (("大写：DOG", "stop"), 0.0)],
+    }
+    seen = []
+
+    def fixed(model, tok, batch, *args, **kwargs):
+        out = []
+        for i, ids in enumerate(batch):
+            prompt = next(p for p in replies if p in tok.decode(ids))
+            (text, finish), reward = replies[prompt][i % 2]
+            seen.append(reward)
+            out.append(Completion(tok.encode(text), text, finish, len(ids)))
+        return out
+
+    monkeypatch.setattr(ppo_module, "generate", fixed)
+    config = load_config(
+        None, [*settings(setup, "checker"), f"prompts={prompts}", "reward=checker", "prompts_per_step=2"]
+    )
+    trainer = PPO(config)
+    assert trainer.reward is None  # no reward model is loaded
+    rollout = trainer.rollout(0)
+    assert rollout.scores.tolist() == seen and sorted(seen) == [0.0, 0.0, 1.0, 1.0]
+
+    no_answer = tmp_path / "bare.jsonl"
+    no_answer.write_text(json.dumps(records[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"bare.jsonl line 2 has no 'answer'; reward=checker checks"):
+        PPO(load_config(None, [*settings(setup, "checker"), f"prompts={no_answer}", "reward=checker"]))
+    with pytest.raises(ValueError, match="not both"):
+        PPO(load_config(None, [*settings(setup, "checker"), f"prompts={prompts}", "reward=checker"]), ascii_share)
+
+
 def test_cli_errors_are_one_line(setup, capsys):
     assert main(["ppo", f"policy={setup / 'sft'}"]) == 2
     assert capsys.readouterr().err == "error: ppo.prompts is not set; pass prompts=PATH.\n"
@@ -117,6 +161,8 @@ def test_cli_errors_are_one_line(setup, capsys):
     assert "ppo.reward_model is not set" in capsys.readouterr().err
     assert main(["ppo", *settings(setup, "d", "kl_estimator=k2")]) == 2
     assert "kl_estimator must be k1 or k3" in capsys.readouterr().err
+    assert main(["ppo", *settings(setup, "d", "reward=rm")]) == 2
+    assert capsys.readouterr().err == "error: reward must be model or checker, got 'rm'.\n"
 
 
 def test_resume_repeats_the_uninterrupted_run(setup):

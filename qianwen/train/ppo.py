@@ -3,9 +3,10 @@
 The policy and a frozen reference start from the SFT model; the value model starts from the reward model
 (its scalar head read at every token) and the frozen reward model scores whole replies. A step:
   1. sample `samples_per_prompt` replies to each of `prompts_per_step` prompts (top-p, KV-cached decoding);
-  2. score them: the reward model at the last token, normalised by the statistics `qianwen rm` saved, minus
-     `no_end_penalty` for a reply that never ends; per token, minus kl_coef times the KL estimate (k1 or
-     k3) to the reference;
+  2. score them: the reward model at the last token, normalised by the statistics `qianwen rm` saved (or, with
+     `reward=checker`, 1 for a reply that ends and answers its prompt's `answer` as `qianwen.checks` judges,
+     else 0), minus `no_end_penalty` for a reply that never ends; per token, minus kl_coef times the KL
+     estimate (k1 or k3) to the reference;
   3. GAE (gamma 1, lambda 0.95) over the reply tokens only, advantages whitened over the batch;
   4. `ppo_epochs` passes of minibatches: clipped policy loss (0.2) and clipped value loss (0.15), separate
      AdamW optimisers; for the first `value_warmup_steps` steps only the value model learns; with
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import qianwen
+from qianwen.checks import KINDS, check_answer
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import generate
 from qianwen.train.data import TokenShards, WindowSampler
@@ -68,6 +70,7 @@ RewardFn = Callable[[str, str, bool], float]  # (prompt text, reply text, ended)
 class PPOConfig:
     policy: str = ""  # the SFT model: policy and reference start here
     reward_model: str = ""  # `qianwen rm` output: frozen reward, and the value model's start
+    reward: str = "model"  # "model": the reward model scores replies; "checker": each prompt's `answer` is checked
     prompts: str = ""  # JSONL of {"prompt": ...} or {"messages": [...]}
     out: str = "runs/ppo"
     steps: int = 100
@@ -100,6 +103,8 @@ class PPOConfig:
         for name in ("policy", "prompts"):
             if not getattr(self, name):
                 raise ValueError(f"ppo.{name} is not set; pass {name}=PATH.")
+        if self.reward not in ("model", "checker"):
+            raise ValueError(f"reward must be model or checker, got {self.reward!r}.")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}.")
         if self.ptx_coef and not self.ptx_data:
@@ -125,7 +130,9 @@ def load_config(recipe_path: str | None, overrides: list[str]) -> PPOConfig:
     return build(PPOConfig, recipe.get("ppo", {}), "ppo")
 
 
-def read_prompts(path: str | Path) -> list[list[dict]]:
+def read_prompts(path: str | Path) -> list[dict]:
+    """The prompts of a JSONL file, each `{"messages": [...]}` plus the record's `answer`, `kind` and `lang` when
+    it has them (what `reward=checker` checks a reply against)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist; pass prompts=FILE, a JSONL of {{'prompt': ...}}.")
@@ -139,12 +146,28 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             bad.append(number)
             continue
-        prompts.append(messages)
+        task = {k: record[k] for k in ("answer", "kind", "lang") if record.get(k) is not None}
+        prompts.append({"messages": messages, "line": number, **task})
     if bad:
         print(f"ppo: skipped {len(bad)} unusable line(s) of {path}, e.g. line {bad[0]}")
     if not prompts:
         raise ValueError(f"{path} holds no usable prompts.")
     return prompts
+
+
+def check_tasks(prompts: list[dict], path: str | Path) -> None:
+    """reward=checker needs an answer on every prompt, and a kind the checker knows (arithmetic when absent)."""
+    for prompt in prompts:
+        if "answer" not in prompt:
+            raise ValueError(
+                f"{path} line {prompt['line']} has no 'answer'; reward=checker checks each reply against its "
+                "prompt's answer, so give every record one (or use reward=model)."
+            )
+        if prompt.get("kind", "arithmetic") not in KINDS:
+            raise ValueError(
+                f"{path} line {prompt['line']} has kind {prompt['kind']!r}, which no checker knows; "
+                f"the kinds are: {', '.join(KINDS)}."
+            )
 
 
 @dataclass
@@ -205,6 +228,9 @@ class PPO:
                     f"make it a multiple of {runtime.world}."
                 )
         device = runtime.device
+        self.prompts = read_prompts(config.prompts)
+        if config.reward == "checker":
+            check_tasks(self.prompts, config.prompts)
         torch.manual_seed(config.seed)
         model, self.tokenizer = qianwen.load(config.policy, dtype=torch.float32, device=device)
         model.requires_grad_(True)
@@ -219,13 +245,15 @@ class PPO:
             self.sampler = copy.deepcopy(model).to(sample_dtype).requires_grad_(False).eval()
         self.reference = PolicyScorer(copy.deepcopy(model)).requires_grad_(False).eval()
         self.reward_fn = reward_fn
-        if reward_fn is None:
+        if reward_fn is not None and config.reward == "checker":
+            raise ValueError("pass a reward function or reward=checker, not both.")
+        if reward_fn is None and config.reward == "model":
             if not config.reward_model:
                 raise ValueError("ppo.reward_model is not set; pass reward_model=DIR, a `qianwen rm` output.")
             self.reward, _, self.reward_stats = load_reward_model(config.reward_model, device=str(device))
             self.reward.requires_grad_(False).eval()
             self.value = copy.deepcopy(self.reward)
-        else:  # a programmatic reward: the value model starts from the policy with a fresh head
+        else:  # a programmatic reward or the checker: the value model starts from the policy with a fresh head
             self.reward, self.reward_stats = None, {"mean": 0.0, "std": 1.0}
             self.value = RewardModel(copy.deepcopy(model), config.seed).to(device)
         self.value.requires_grad_(True)
@@ -242,7 +270,6 @@ class PPO:
         self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, **adam)
         trainable = [p for p in self.value.parameters() if p.requires_grad]
         self.value_opt = torch.optim.AdamW(trainable, lr=config.value_lr, **adam)
-        self.prompts = read_prompts(config.prompts)
         self.ptx = None
         if config.ptx_coef:
             shards = TokenShards(config.ptx_data, "train")
@@ -279,7 +306,8 @@ class PPO:
         )
         share = config.prompts_per_step // runtime.world
         mine = chosen[runtime.rank * share : (runtime.rank + 1) * share]
-        prompts = [tok.render_chat(self.prompts[i]) for i in mine for _ in range(config.samples_per_prompt)]
+        tasks = [self.prompts[i] for i in mine for _ in range(config.samples_per_prompt)]
+        prompts = [tok.render_chat(task["messages"]) for task in tasks]
         self.refresh_sampler()
         self.sampler.eval()
         completions = generate(
@@ -307,6 +335,13 @@ class PPO:
                 texts = [tok.decode(p) for p in prompts]
                 scores = torch.tensor(
                     [self.reward_fn(t, c.text, e) for t, c, e in zip(texts, completions, ended)], dtype=torch.float32
+                )
+            elif self.reward is None:  # reward=checker: 1 for a right reply that ends, else 0
+                scores = torch.tensor(
+                    [
+                        float(e and check_answer(t.get("kind", "arithmetic"), str(t["answer"]), c.text, t.get("lang")))
+                        for t, c, e in zip(tasks, completions, ended)
+                    ]
                 )
             else:
                 with self.cast():
