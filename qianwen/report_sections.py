@@ -411,11 +411,12 @@ def _held_out_reward(out: Path) -> list[Block]:
         ]
         for task, t in sorted(scores["tasks"].items())
     ]
+    skipped = "".join(f" Not compared: {task}, as {why}." for task, why in sorted(scores.get("skipped", {}).items()))
     return [
         Paragraph(
             f"What PPO optimises, on prompts it never saw: the reward model's normalised score of {first}/'s and "
             f"{second}/'s greedy replies to the evaluation's held-out prompts, and, where the two replies differ, "
-            f"how many of {second}/'s it scores higher than {first}/'s."
+            f"how many of {second}/'s it scores higher than {first}/'s.{skipped}"
         ),
         Table(
             ["held-out task", f"{first} reward", f"{second} reward", f"{second} preferred / {first} preferred"], rows

@@ -109,7 +109,12 @@ def test_held_out_replies_of_two_models_are_compared_by_the_reward_model(base_di
     for model, rows in (("sft", right), ("ppo", other)):
         files[model] = {"sums": tmp_path / f"{model}.sums.jsonl"}
         files[model]["sums"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = compare_replies(tmp_path / "rm", files)["tasks"]["sums"]
+    for model, rows in (("sft", right[:3]), ("ppo", right[1:4])):  # scored on different prompts: not compared
+        files[model]["other"] = tmp_path / f"{model}.other.jsonl"
+        files[model]["other"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compared = compare_replies(tmp_path / "rm", files)
+    assert set(compared["tasks"]) == {"sums"} and "different prompts" in compared["skipped"]["other"]
+    result = compared["tasks"]["sums"]
 
     def score(r):  # one row at a time, no padding: the reward at the reply's last token
         ids = torch.tensor([reply_ids(tok, {**r, "reply_ended": r["ended"]}, "reply")])

@@ -365,14 +365,15 @@ def compare_replies(rm_dir: str | Path, samples: dict[str, dict[str, Path]], dev
     reply scored higher on."""
     rm, tokenizer, stats = load_reward_model(rm_dir, device=device)
     first, second = samples
-    result: dict = {"reward_model": str(rm_dir), "models": [first, second], "tasks": {}}
-    for task in samples[first].keys() & samples[second].keys():
+    result: dict = {"reward_model": str(rm_dir), "models": [first, second], "tasks": {}, "skipped": {}}
+    for task in sorted(samples[first].keys() & samples[second].keys()):
         rows = {}
         for model in (first, second):
             with open(samples[model][task], encoding="utf-8") as f:
                 rows[model] = [json.loads(line) for line in f if line.strip()]
         if [r["prompt"] for r in rows[first]] != [r["prompt"] for r in rows[second]]:
-            continue  # scored on different prompts: nothing to compare
+            result["skipped"][task] = "the two models were scored on different prompts (another limit or file)"
+            continue
         scores = {}
         for model, records in rows.items():
             replies = [
