@@ -20,14 +20,10 @@ import torch
 
 import qianwen
 from qianwen.checks import check_answer
+from qianwen.eval.harness import read_jsonl
 from qianwen.eval.tasks import arith
 from qianwen.generate import generate
 from qianwen.train.ppo import load_config, ppo
-
-
-def read(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def scores(model_dir: Path, problems: list[dict], k: int) -> dict[str, float]:
@@ -70,7 +66,7 @@ def main() -> None:
     history = ppo(config)
     rewards = [r["reward"] for r in history]
     third = max(len(rewards) // 3, 1)
-    problems = read(run / "tasks/arith_eval.jsonl")
+    problems = read_jsonl(run / "tasks/arith_eval.jsonl", ("prompt", "answer", "kind", "lang"))
     report = {
         "overrides": args.overrides,
         "reward first third": sum(rewards[:third]) / third,

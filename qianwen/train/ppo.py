@@ -156,14 +156,16 @@ def read_prompts(path: str | Path) -> list[dict]:
 
 
 def check_tasks(prompts: list[dict], path: str | Path) -> None:
-    """reward=checker needs an answer on every prompt, and a kind the checker knows (arithmetic when absent)."""
+    """reward=checker needs an answer on every prompt, and a kind the checker knows (arithmetic, filled in
+    where a record names none)."""
     for prompt in prompts:
+        prompt.setdefault("kind", "arithmetic")
         if "answer" not in prompt:
             raise ValueError(
                 f"{path} line {prompt['line']} has no 'answer'; reward=checker checks each reply against its "
                 "prompt's answer, so give every record one (or use reward=model)."
             )
-        if prompt.get("kind", "arithmetic") not in KINDS:
+        if prompt["kind"] not in KINDS:
             raise ValueError(
                 f"{path} line {prompt['line']} has kind {prompt['kind']!r}, which no checker knows; "
                 f"the kinds are: {', '.join(KINDS)}."
@@ -228,6 +230,8 @@ class PPO:
                     f"make it a multiple of {runtime.world}."
                 )
         device = runtime.device
+        if reward_fn is not None and config.reward == "checker":
+            raise ValueError("pass a reward function or reward=checker, not both.")
         self.prompts = read_prompts(config.prompts)
         if config.reward == "checker":
             check_tasks(self.prompts, config.prompts)
@@ -245,8 +249,6 @@ class PPO:
             self.sampler = copy.deepcopy(model).to(sample_dtype).requires_grad_(False).eval()
         self.reference = PolicyScorer(copy.deepcopy(model)).requires_grad_(False).eval()
         self.reward_fn = reward_fn
-        if reward_fn is not None and config.reward == "checker":
-            raise ValueError("pass a reward function or reward=checker, not both.")
         if reward_fn is None and config.reward == "model":
             if not config.reward_model:
                 raise ValueError("ppo.reward_model is not set; pass reward_model=DIR, a `qianwen rm` output.")
@@ -339,7 +341,7 @@ class PPO:
             elif self.reward is None:  # reward=checker: 1 for a right reply that ends, else 0
                 scores = torch.tensor(
                     [
-                        float(e and check_answer(t.get("kind", "arithmetic"), str(t["answer"]), c.text, t.get("lang")))
+                        float(e and check_answer(t["kind"], str(t["answer"]), c.text, t.get("lang")))
                         for t, c, e in zip(tasks, completions, ended)
                     ]
                 )
