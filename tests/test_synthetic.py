@@ -386,6 +386,28 @@ def test_the_pretraining_corpus_holds_no_held_out_task(tmp_path):
     assert "Action: code_interpreter" in text and "The answer is" in text  # the formats SFT will ask for
 
 
+def test_tasks_split_by_a_hash_of_the_task_so_small_spaces_stay_in_training():
+    """Held-out draws come from a fixed share of each task space and training draws from the rest, so a template
+    with few tasks is not used up by the held-out sets (the father's-age template has 20 at max_number 30)."""
+    gens = {"arithmetic": lambda rng, lang: arithmetic(rng, lang, max_number=30)}
+    held = synthetic.draw(random.Random(1), 200, {"arithmetic": 1.0}, held_out=True, distinct=True, generators=gens)
+    train = synthetic.draw(random.Random(2), 2000, {"arithmetic": 1.0}, generators=gens)
+    assert all(synthetic.held_out_task(e.key) for e in held)
+    assert not any(synthetic.held_out_task(e.key) for e in train)
+    assert not {e.key for e in held} & {e.key for e in train}
+    # Every template keeps tasks for training; the old split (hold out what the held-out set drew) left the
+    # father's-age template 3 of its 20.
+    father = {e.key for e in train if e.key[1] == "_father"}
+    assert len(father) >= 12, len(father)
+    # The share is what HELD_OUT_SHARE says, and the same in another process (no salted hash()).
+    keys = [("reverse", f"w{i}") for i in range(4000)]
+    share = sum(map(synthetic.held_out_task, keys)) / len(keys)
+    assert abs(share - synthetic.HELD_OUT_SHARE) < 0.03
+    code = "from qianwen.data.synthetic import held_out_task; print([held_out_task(('reverse', f'w{i}')) for i in range(50)])"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert other.strip() == str([synthetic.held_out_task(k) for k in keys[:50]])
+
+
 def test_difficulty_knobs_cap_the_numbers(tmp_path):
     """max_number bounds every number an arithmetic problem shows or computes; tool_digits sizes the factors."""
     make_all(tmp_path, seed=5, sft=200, pairs=0, pmp=0, ppo=100, eval_size=60, max_number=30, tool_digits=3)
