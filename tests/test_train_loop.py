@@ -73,6 +73,35 @@ def test_muon_takes_the_layers_matrices_and_adamw_the_rest():
     assert matrices["lr"] * matrices["weight_decay"] == pytest.approx(config.lr * config.weight_decay)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_stacked_muon_updates_as_torch_muon_to_the_bit(nesterov):
+    """StackedMuon batches the Newton-Schulz products of same-shaped matrices; the parameters and the momentum
+    after several steps are torch.optim.Muon's exactly, so its checkpoints are too."""
+    torch.manual_seed(0)
+    models = [Transformer(preset("tiny-1m", vocab_size=64)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    kwargs = {"lr": 0.02, "weight_decay": 0.05, "momentum": 0.9, "nesterov": nesterov}
+    optimizers = [
+        optimizer([p for n, p in model.named_parameters() if p.ndim == 2 and "layers." in n], **kwargs)
+        for optimizer, model in zip((loop.StackedMuon, torch.optim.Muon), models)
+    ]
+    assert len({tuple(p.shape) for p in optimizers[0].param_groups[0]["params"]}) < len(
+        optimizers[0].param_groups[0]["params"]
+    )  # several matrices share a shape, so products really are stacked
+    tokens = torch.randint(0, 64, (2, 17))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(tokens).float().logsumexp(-1).mean().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    states = [optimizer.state_dict()["state"] for optimizer in optimizers]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key]["momentum_buffer"], states[1][key]["momentum_buffer"])
+
+
 def test_auto_optimizer_is_muon_only_where_its_bf16_matmuls_are_native(monkeypatch):
     def runtime(device: str, world: int = 1) -> Runtime:
         return Runtime(rank=0, world=world, device=torch.device(device), mesh=None)

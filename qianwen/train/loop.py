@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qianwen.model import Block
+from qianwen.train.muon import StackedMuon
 from qianwen.util import atomic_write
 
 # Dense bf16 peaks (TFLOP/s) by device name, for MFU on GPUs; a CPU's peak is measured.
@@ -210,7 +211,7 @@ def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
 
 def optimizer_name(config: LoopConfig, runtime: Runtime) -> str:
     """`auto`: Muon in one process on a GPU or an AMX CPU, else AdamW. Muon orthogonalises each update with
-    Newton-Schulz matmuls in bf16 (torch.optim.Muon), about half a tiny-recipe step's FLOPs at its 1k-token
+    Newton-Schulz matmuls in bf16 (torch.optim.Muon's, batched by shape: qianwen/train/muon.py), about half a tiny-recipe step's FLOPs at its 1k-token
     batches: 13% more time a step with AMX, 2.6x without it (benchmarks/ANALYSIS.md). Under FSDP2 those
     matmuls run on sharded DTensors, which gather what each product needs: right (tests/test_pretrain.py), but
     their cost across GPUs is unmeasured, so `auto` leaves several processes on AdamW."""
@@ -248,7 +249,7 @@ def make_optimizers(
         return [adamw]
     # Decoupled decay is lr * weight_decay per step: scaled so Muon's matrices decay as fast as AdamW's would.
     scale = config.muon_lr / config.lr
-    matrices = torch.optim.Muon(
+    matrices = StackedMuon(
         [{"params": muon, "lr_scale": scale}],
         lr=config.muon_lr,
         weight_decay=config.weight_decay / scale,
