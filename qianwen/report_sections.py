@@ -6,6 +6,7 @@ A stage whose files are missing has no section (None), and the card says it has 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _number(metric: str, value) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    if metric in ("acc", "exact_match") or "accuracy" in metric or metric.startswith("pass@"):
+    if metric in ("acc", "worked_acc", "exact_match") or "accuracy" in metric or metric.startswith("pass@"):
         return f"{value:.1%}"
     return f"{value:.4g}"
 
@@ -496,10 +497,63 @@ def section_eval(out: Path) -> Section | None:
         ),
         Table(["task", "metric", *[f"{m}/" for m in columns]], rows),
     ]
+    blocks += _paired(out, "sft", "ppo")
     if "base" in found and "longctx" in found["base"]["tasks"]:
         blocks += _longctx(out, found["base"])
         summary += "; long-context table for base/"
     return Section(summary, f"{samples:,} samples", blocks)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven among wins + losses fair coins."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(first: Path, second: Path) -> dict[str, tuple[int, int]]:
+    """For two per-sample logs of the same prompts: per correctness field (`correct`, `agent_correct`...), how
+    many samples only the first got right and how many only the second. Logs of different prompts give {}."""
+    rows = []
+    for path in (first, second):
+        with open(path, encoding="utf-8") as f:
+            rows.append([json.loads(line) for line in f if line.strip()])
+    a, b = rows
+    if len(a) != len(b) or any(
+        x.get("prompt", x.get("question")) != y.get("prompt", y.get("question")) for x, y in zip(a, b)
+    ):
+        return {}
+    fields = [k for k in (a[0] if a else {}) if k.endswith("correct") and isinstance(a[0][k], bool)]
+    return {
+        k: (sum(x[k] and not y[k] for x, y in zip(a, b)), sum(y[k] and not x[k] for x, y in zip(a, b))) for k in fields
+    }
+
+
+def _paired(out: Path, first: str, second: str) -> list[Block]:
+    """Problem by problem, where two models' held-out answers differ in being right: how many each got right
+    alone, and the sign test's p: whether a gap in accuracy is more than the luck of a few problems."""
+    rows = []
+    for path in sorted((out / "eval").glob(f"{first}.*.jsonl")):
+        task = path.name.removeprefix(f"{first}.").removesuffix(".jsonl")
+        other = out / "eval" / f"{second}.{task}.jsonl"
+        if not other.is_file():
+            continue
+        for field_name, (only_first, only_second) in paired_counts(path, other).items():
+            label = task if field_name == "correct" else f"{task} {field_name.removesuffix('_correct')}"
+            p = sign_test(only_second, only_first)
+            rows.append([label, str(only_second), str(only_first), f"{p:.2f}"])
+    if not rows:
+        return []
+    return [
+        Paragraph(
+            f"{second}/ against {first}/ problem by problem: the held-out problems only one of them answers "
+            "right, and the two-sided sign test's p over those (a small p: the gap is more than the luck of a "
+            "few problems)."
+        ),
+        Table(["held-out task", f"right only for {second}/", f"right only for {first}/", "sign test p"], rows),
+    ]
 
 
 def _headline_metrics(task: str, found: dict) -> list[tuple[str, str]]:

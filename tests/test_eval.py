@@ -372,14 +372,33 @@ def test_arith_extraction(reply, answer):
     assert arith.extract(reply, numeric=True) == answer
 
 
+@pytest.mark.parametrize(
+    "reply,right",
+    [
+        ("Slices in all: 3 × 10 = 30.\nSlices for each friend: 30 ÷ 3 = 10.\nThe answer is 10.", True),
+        ("糖的总数：14 + 4 = 12。\n答案是 12。", False),
+        ("24 ÷ 6 = 3", False),
+        ("24/6 = 4 and 7-2=5 and 6*7 = 42", True),
+        ("9 ÷ 0 = 0", False),
+        ("The answer is 3.", True),  # no working shown, none wrong
+    ],
+)
+def test_arith_working_is_checked_step_by_step(reply, right):
+    assert arith.working_right(reply) is right
+
+
 def test_arith_chat_prompts_and_exact_match(monkeypatch, tmp_path, tokenizer):
     rows = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2*3?", "answer": "6"}, {"prompt": "sort", "answer": "1, 2"}]
+    rows.append({"prompt": "3 x 5 - 3?", "answer": "12"})
     (tmp_path / "arith_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen: list[str] = []
     replies = ["1 + 1 = 2\nThe answer is 2.", "2 * 3 = 5\nThe answer is 5.", "From smallest:\n1, 2"]
+    replies.append("爸爸：3 × 5 = 25。\n年龄差：25 - 3 = 12。\n答案是 12。")  # the right number through wrong working
     monkeypatch.setattr(arith, "generate_all", _fake_generate_all(replies, seen))
     result = arith.evaluate(None, tokenizer, TaskOptions(tmp_path, None))
-    assert [s["correct"] for s in result.samples] == [True, False, True]
+    assert [s["correct"] for s in result.samples] == [True, False, True, True]
+    assert [s["worked_correct"] for s in result.samples] == [True, False, True, False]
+    assert result.metrics == {"acc": 0.75, "worked_acc": 0.5}
     assert seen[0] == tokenizer.chat_text([{"role": "user", "content": "1+1?"}])
 
 

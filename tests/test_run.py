@@ -176,6 +176,8 @@ def test_the_report_card_names_every_stage_and_embeds_its_plots(finished):
         "ppo preferred / sft preferred",
         "tool direct: sft ",  # the headline shows the agent beside the direct answers
         "tool agent: sft ",
+        "right only for ppo/",  # problem by problem, with the sign test
+        "| tool agent | ",
     ):
         assert words in report, words
     # tokens per stage, from the files the stages wrote

@@ -6,6 +6,11 @@ the default system prompt) and answered greedily. The reply's answer is the N of
 "答案是 N。" / "Final Answer: N" when it has one, else (for a numeric reference) its last number. Numbers compare
 by value with commas removed ("$" and "**" around them do not matter); a text answer compares with the marked answer
 or else the reply's last line, surrounding spaces and a final full stop removed.
+
+Metrics: `acc`, the share answered right (the protocol of GSM8K-style scoring: the final answer alone), and
+`worked_acc`, the share answered right with every step of working the reply shows ("a op b = c", with + - × ÷ * /)
+right too: a small model often reaches the right number through wrong steps ("3 × 5 = 25, 25 - 3 = 12" for 12),
+and this counts only what it computed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,22 @@ NAME = "arith"
 OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128}
 SOURCE = "the synthetic-task generator of qianwen.data (or any JSONL of prompt/answer pairs)"
 _MARKED = re.compile(r"(?:The answer is|答案是|Final Answer:)[ \t]*(.+?)[ \t]*[.。]?[ \t]*$", re.MULTILINE)
+
+
+_STEP = re.compile(r"(\d+)\s*([-+×÷*/])\s*(\d+)\s*=\s*(\d+)")
+_APPLY = {"+": int.__add__, "-": int.__sub__, "×": int.__mul__, "*": int.__mul__}
+
+
+def working_right(reply: str) -> bool:
+    """Whether every "a op b = c" step the reply shows computes right (a reply with none shows no wrong step)."""
+    for a, op, b, c in _STEP.findall(reply):
+        a, b, c = int(a), int(b), int(c)
+        if op in "÷/":
+            if b == 0 or a != b * c:
+                return False
+        elif _APPLY[op](a, b) != c:
+            return False
+    return True
 
 
 def extract(reply: str, numeric: bool) -> str | None:
@@ -71,7 +92,12 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
                 "predicted": predicted,
                 "answer": answer,
                 "correct": correct,
+                "worked_correct": correct and working_right(completion.text),
             }
         )
-    accuracy = sum(s["correct"] for s in samples) / max(len(samples), 1)
-    return TaskResult(NAME, {"acc": accuracy}, samples)
+    n = max(len(samples), 1)
+    metrics = {
+        "acc": sum(s["correct"] for s in samples) / n,
+        "worked_acc": sum(s["worked_correct"] for s in samples) / n,
+    }
+    return TaskResult(NAME, metrics, samples)
