@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -292,6 +293,17 @@ def test_flipped_fraction_matches_the_setting(examples):
         assert (chosen_ok, rejected_ok) == ((False, True) if p["flipped"] else (True, False))
         assert p["chosen"].endswith(END) == p["chosen_ended"] and p["rejected"].endswith(END) == p["rejected_ended"]
     assert not any(p["flipped"] for p in preference_pairs(examples[:50], random.Random(3)))
+
+
+def test_kinds_of_bad_reply_come_in_equal_shares_per_task_kind(examples):
+    """Each task kind's pairs deal its allowed rejections in turn: the counts differ by one at most."""
+    pairs = preference_pairs(examples, random.Random(4))
+    counts = Counter((p["kind"], p["rejection"]) for p in pairs)
+    for kind in {p["kind"] for p in pairs}:
+        shares = [n for (k, _), n in counts.items() if k == kind]
+        allowed = {tuple(synthetic.rejections_for(e)) for e in examples if e.kind == kind}
+        assert len(shares) == len(max(allowed, key=len)), kind
+        assert max(shares) - min(shares) <= 1, (kind, shares)
 
 
 # ---------------------------------------------------------------------------

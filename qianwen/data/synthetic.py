@@ -235,8 +235,18 @@ def preference_pair(example: Example, rng: random.Random, rejection: str | None 
 
 
 def preference_pairs(examples: Sequence[Example], rng: random.Random, flip: float = 0.0) -> list[dict]:
-    """One pair per example; round(flip * n) of them, chosen at random, with the labels swapped (`flipped`)."""
-    pairs = [preference_pair(e, rng) for e in examples]
+    """One pair per example, the kinds of bad reply dealt in turn (a shuffled round of the kinds an example allows,
+    per task kind), so a set holds them in equal shares rather than as chance falls: a held-out accuracy then does
+    not move with how many hard pairs (wrong answers) the draw happened to hold. round(flip * n) of the pairs,
+    chosen at random, have their labels swapped (`flipped`)."""
+    decks: dict[tuple, list[str]] = {}
+    pairs = []
+    for example in examples:
+        options = rejections_for(example)
+        deck = decks.setdefault((example.kind, *options), [])
+        if not deck:
+            deck.extend(rng.sample(options, len(options)))
+        pairs.append(preference_pair(example, rng, deck.pop()))
     for i in sorted(rng.sample(range(len(pairs)), round(flip * len(pairs)))):
         p = pairs[i]
         p.update(
