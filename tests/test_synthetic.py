@@ -462,3 +462,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+@pytest.mark.parametrize("n", [1, 7, 9, 10, 58, 138661])
+def test_a_near_miss_is_one_digit_off_even_for_a_one_digit_answer(n):
+    # A "difference" tool problem can come out at a single digit (133 x 29 - 3823 = 34 ... or less).
+    rng = random.Random(n)
+    for _ in range(20):
+        miss = synthetic_tasks._near_miss(n, rng)
+        differ = [i for i, (a, b) in enumerate(zip(str(n), str(miss).rjust(len(str(n)), "0"))) if a != b]
+        assert miss != n and len(differ) == 1 and (differ != [0] or n < 10)

@@ -262,9 +262,10 @@ def tool_problem(rng: random.Random, lang: str, digits: int = 5) -> Example:
 
 
 def _near_miss(n: int, rng: random.Random) -> int:
-    """`n` with one digit (not the first) off by one: a slip in copying or in long multiplication."""
+    """`n` with one digit (not the first, unless it is the only one) off by one: a slip in copying or in long
+    multiplication."""
     digits = list(str(n))
-    i = rng.randrange(1, len(digits))
+    i = rng.randrange(1, len(digits)) if len(digits) > 1 else 0
     digits[i] = str((int(digits[i]) + rng.choice([1, 9])) % 10)
     return int("".join(digits))
 
