@@ -196,6 +196,28 @@ def test_resume_repeats_the_uninterrupted_run(setup):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_in_the_value_warmup_changes_nothing(setup):
+    """A checkpoint written while only the value model trains leaves the policy's optimiser unstarted (torch's
+    get_state_dict would start it with a zero-rate step and shift Adam's bias correction), so the run is the same
+    with or without checkpoints, and resuming from one gives it again."""
+    common = ("steps=4", "value_warmup_steps=2", "lr=3e-3", "value_lr=1e-3")
+    plain = ppo(load_config(None, settings(setup, "plain", *common, "save_every=0")), reward_fn=ascii_share)
+    saving = load_config(None, settings(setup, "saving", *common, "save_every=1", "steps=2"))
+    ppo(saving, reward_fn=ascii_share)  # checkpoints at step 1, inside the warm-up; stops after step 2
+    trainer = json.loads((setup / "saving" / "checkpoints" / "ppo" / "step-0000001" / "trainer.json").read_text())
+    assert trainer["stepped"] == ["value"]
+    (setup / "saving" / "checkpoints" / "ppo" / "latest").write_text("step-0000001")
+    resumed = ppo(load_config(None, settings(setup, "saving", *common, "save_every=1")), ascii_share, resume=True)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in plain
+    ]
+    a, _ = qianwen.load(setup / "plain" / "ppo")
+    b, _ = qianwen.load(setup / "saving" / "ppo")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 def test_torchrun_fsdp2_matches_one_process(setup):
     """Two gloo processes under FSDP2, each sampling half of every step's prompts, against one process with
     all of them: greedy replies make the rollouts alike, so the logged statistics and the trained policy must be

@@ -467,12 +467,23 @@ class PPO:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.checkpoints, "trainer.json")
 
-    def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def _pairs(self) -> dict:
+        return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
 
-        policy, policy_opt = get_state_dict(self.policy, self.policy_opt)
-        value, value_opt = get_state_dict(self.value, self.value_opt)
-        return {"policy": policy, "policy_opt": policy_opt, "value": value, "value_opt": value_opt}
+    def _state(self, stepped: list[str]) -> dict:
+        """The models' state dicts, and the optimisers' of the models in `stepped` (those that have taken a step).
+        An optimiser that has not (the policy's, during the value warm-up) stays out: torch's get_state_dict would
+        give it state with a step at rate 0, which moves Adam's bias correction, and the run would then depend on
+        when checkpoints were written."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        state = {}
+        for name, (model, optimizer) in self._pairs().items():
+            if name in stepped:
+                state[name], state[f"{name}_opt"] = get_state_dict(model, optimizer)
+            else:
+                state[name] = get_model_state_dict(model)
+        return state
 
     def save(self, step: int, history: list[dict]) -> Path:
         """The trainable state after `step` steps (the policy, the value model and their optimisers, through
@@ -487,12 +498,14 @@ class PPO:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         runtime.barrier()
+        stepped = [name for name, (_, optimizer) in self._pairs().items() if optimizer.state]
         with single_process_quiet():
-            dcp_save(self._state(), checkpoint_id=tmp / "state")
+            dcp_save(self._state(stepped), checkpoint_id=tmp / "state")
         torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
         runtime.barrier()
         if runtime.main:
             trainer = {"stage": "ppo", "step": step, "world_size": runtime.world, "history": history}
+            trainer["stepped"] = stepped
             atomic_write(tmp / "trainer.json", json.dumps(trainer))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -505,17 +518,19 @@ class PPO:
 
     def resume(self) -> tuple[int, list[dict]]:
         from torch.distributed.checkpoint import load as dcp_load
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         path = self.latest()
         trainer = json.loads((path / "trainer.json").read_text())
-        state = self._state()
+        stepped = trainer.get("stepped", list(self._pairs()))
+        state = self._state(stepped)
         with single_process_quiet():
             dcp_load(state, checkpoint_id=path / "state")
-        set_state_dict(
-            self.policy, self.policy_opt, model_state_dict=state["policy"], optim_state_dict=state["policy_opt"]
-        )
-        set_state_dict(self.value, self.value_opt, model_state_dict=state["value"], optim_state_dict=state["value_opt"])
+        for name, (model, optimizer) in self._pairs().items():
+            if name in stepped:
+                set_state_dict(model, optimizer, model_state_dict=state[name], optim_state_dict=state[f"{name}_opt"])
+            else:
+                set_model_state_dict(model, state[name])
         rng = path / f"rng-{self.runtime.rank}.pt"
         if rng.is_file():  # a process that did not exist then keeps its seed
             set_rng_state(torch.load(rng, weights_only=False))
