@@ -162,6 +162,26 @@ def main() -> None:
             + table(["case", "shape", "fused ms", "plain ms", "speed ratio", "largest logits MB fused / plain"], rows)
             + "\n"
         )
+    muon = load("muon")
+    if muon:
+        rows = [
+            [
+                r["preset"],
+                f"{r['matrices']} in {r['shapes']} shapes",
+                r["stacked_ms"],
+                r["torch_ms"],
+                f"**{r['speed_ratio']}x**",
+                r["difference_over_change"],
+            ]
+            for r in muon["rows"]
+        ]
+        parts.append(
+            "## StackedMuon vs `torch.optim.Muon` (one optimizer step)\n\n"
+            f"{env_line(muon)}\n\n"
+            + table(["preset", "layer matrices", "stacked ms", "torch ms", "speed ratio", "difference / change"], rows)
+            + "\n\nThe same gradients on both sides; the last column is the largest difference between the two "
+            "sides' parameters over the largest change the steps made (0: equal to the bit).\n"
+        )
     data = load("data")
     if data:
         pipeline = [r for r in data["rows"] if r["kind"] == "pipeline"]
