@@ -184,14 +184,7 @@ def test_resume_repeats_the_uninterrupted_run(setup):
     with pytest.raises(ValueError, match="--resume"):
         ppo(config, reward_fn=ascii_share)
     resumed = ppo(config, reward_fn=ascii_share, resume=True)
-    drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in straight
-    ]
-    a, _ = qianwen.load(setup / "straight" / "ppo")
-    b, _ = qianwen.load(setup / "resumed" / "ppo")
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_run(straight, resumed, setup / "straight", setup / "resumed")
     lines = (setup / "resumed" / "metrics" / "ppo.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
@@ -202,19 +195,26 @@ def test_a_checkpoint_in_the_value_warmup_changes_nothing(setup):
     with or without checkpoints, and resuming from one gives it again."""
     common = ("steps=4", "value_warmup_steps=2", "lr=3e-3", "value_lr=1e-3")
     plain = ppo(load_config(None, settings(setup, "plain", *common, "save_every=0")), reward_fn=ascii_share)
-    saving = load_config(None, settings(setup, "saving", *common, "save_every=1", "steps=2"))
-    ppo(saving, reward_fn=ascii_share)  # checkpoints at step 1, inside the warm-up; stops after step 2
-    trainer = json.loads((setup / "saving" / "checkpoints" / "ppo" / "step-0000001" / "trainer.json").read_text())
-    assert trainer["stepped"] == ["value"]
-    (setup / "saving" / "checkpoints" / "ppo" / "latest").write_text("step-0000001")
-    resumed = ppo(load_config(None, settings(setup, "saving", *common, "save_every=1")), ascii_share, resume=True)
+    saving = ppo(load_config(None, settings(setup, "saving", *common, "save_every=1")), reward_fn=ascii_share)
+    assert_same_run(plain, saving, setup / "plain", setup / "saving")
+    # Stop after step 2, with the checkpoint of step 1 (inside the warm-up) the latest, then resume from it.
+    ppo(load_config(None, settings(setup, "resumed-warm", *common, "save_every=1", "steps=2")), ascii_share)
+    checkpoint = setup / "resumed-warm" / "checkpoints" / "ppo" / "step-0000001"
+    assert json.loads((checkpoint / "trainer.json").read_text())["stepped"] == ["value"]
+    config = load_config(None, settings(setup, "resumed-warm", *common, "save_every=1"))
+    resumed = ppo(config, reward_fn=ascii_share, resume=True)
+    assert_same_run(plain, resumed, setup / "plain", setup / "resumed-warm")
+
+
+def assert_same_run(first: list[dict], second: list[dict], first_dir: Path, second_dir: Path) -> None:
+    """The same metrics at every step (times aside) and the same trained policy, to the bit."""
     drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in plain
+    assert [{k: v for k, v in r.items() if k not in drop} for r in second] == [
+        {k: v for k, v in r.items() if k not in drop} for r in first
     ]
-    a, _ = qianwen.load(setup / "plain" / "ppo")
-    b, _ = qianwen.load(setup / "saving" / "ppo")
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    a, _ = qianwen.load(first_dir / "ppo")
+    b, _ = qianwen.load(second_dir / "ppo")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 
