@@ -60,6 +60,7 @@ class EvalSettings:
     chat_limit: int = 0
     batch_size: int = 16
     max_new_tokens: int = 64
+    base_shots: int = 3  # solved problems before each arith question for base/ (0: ChatML, as the chat models)
     device: str = "auto"
     options: dict = field(default_factory=dict)
     longctx: LongContextSettings = field(default_factory=LongContextSettings)

@@ -509,6 +509,9 @@ def eval_stage(ctx: Context) -> None:
             continue
         modules = {name: tasks.load(name) for name in wanted}
         mine = {k: v for k, v in extra.items() if _reads(modules, k)}
+        if stage == "base" and "arith" in modules and settings.base_shots:
+            # A base model answers in its pretraining format, from solved examples: the report's few-shot protocol.
+            mine = {**mine, "arith.shots": settings.base_shots}
         ctx.log(f"      scoring {stage}/ on {', '.join(wanted)}")
         model, tok = qianwen.load(out / stage, device=_device(settings.device))
         meta = {"model": str(out / stage), "limit": settings.limit, "options": mine}

@@ -566,3 +566,45 @@ def test_cli_bad_task_as_subprocess(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: no task named 'nope'; the tasks are: humaneval, gsm8k")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_arith_few_shot_prompts_a_base_model_in_its_pretraining_format(monkeypatch, tmp_path, tokenizer):
+    """shots=K: plain text, K solved arithmetic problems of sft.jsonl (other kinds skipped) before the question,
+    cut at a blank line or the next question; as many shots as fit the model's training length."""
+    rows = [{"prompt": "2 + 3?", "answer": "5"}]
+    (tmp_path / "arith_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = [
+        {
+            "kind": "sort",
+            "messages": [{"role": "user", "content": "Sort 2, 1"}, {"role": "assistant", "content": "1, 2"}],
+        },
+        {
+            "kind": "arithmetic",
+            "messages": [
+                {"role": "user", "content": "1 + 1?"},
+                {"role": "assistant", "content": "1 + 1 = 2.\nThe answer is 2."},
+            ],
+        },
+        {
+            "kind": "arithmetic",
+            "messages": [
+                {"role": "user", "content": "2 × 2?"},
+                {"role": "assistant", "content": "2 × 2 = 4.\nThe answer is 4."},
+            ],
+        },
+    ]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    seen: list[str] = []
+    monkeypatch.setattr(arith, "generate_all", _fake_generate_all([" 2 + 3 = 5.\nThe answer is 5."], seen))
+
+    model = SimpleNamespace(config=SimpleNamespace(seq_length=1024))
+    result = arith.evaluate(model, tokenizer, TaskOptions(tmp_path, None, extra={"shots": 3}))
+    assert seen[0] == (
+        "Question: 1 + 1?\nAnswer: 1 + 1 = 2.\nThe answer is 2.\n\n"
+        "Question: 2 × 2?\nAnswer: 2 × 2 = 4.\nThe answer is 4.\n\n"
+        "Question: 2 + 3?\nAnswer:"
+    )
+    assert result.metrics == {"acc": 1.0, "worked_acc": 1.0}
+    model.config.seq_length = 64 + len(tokenizer.encode(seen[0].split("\n\n", 1)[1]))  # one solved problem fits
+    arith.evaluate(model, tokenizer, TaskOptions(tmp_path, None, extra={"shots": 3, "max_new_tokens": 64}))
+    assert seen[1].count("Question:") == 2

@@ -7,6 +7,11 @@ the default system prompt) and answered greedily. The reply's answer is the N of
 by value with commas removed ("$" and "**" around them do not matter); a text answer compares with the marked answer
 or else the reply's last line, surrounding spaces and a final full stop removed.
 
+With `shots=K` (what `qianwen run` gives a base model) the prompt is plain text, not ChatML: K solved problems as
+"Question: ...\nAnswer: ...", blank-line separated (the pretraining corpus's format), then the question; the
+reply stops at a blank line or the next "Question:". The solved problems are the first K arithmetic conversations
+of `shots_file` (default `<data-dir>/sft.jsonl`, training data), as many as fit the model's training length.
+
 Metrics: `acc`, the share answered right (the protocol of GSM8K-style scoring: the final answer alone), and
 `worked_acc`, the share answered right with every step of working the reply shows ("a op b = c", with + - × ÷ * /)
 right too: a small model often reaches the right number through wrong steps ("3 × 5 = 25, 25 - 3 = 12" for 12),
@@ -22,6 +27,7 @@ from qianwen.eval.harness import (
     TaskOptions,
     TaskResult,
     data_path,
+    fit_few_shot,
     generate_all,
     last_number,
     read_jsonl,
@@ -30,7 +36,8 @@ from qianwen.eval.harness import (
 )
 
 NAME = "arith"
-OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128}
+OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128, "shots": 0, "shots_file": ""}
+STOP = ("\n\n", "Question:")
 SOURCE = "the synthetic-task generator of qianwen.data (or any JSONL of prompt/answer pairs)"
 _MARKED = re.compile(r"(?:The answer is|答案是|Final Answer:)[ \t]*(.+?)[ \t]*[.。]?[ \t]*$", re.MULTILINE)
 
@@ -68,15 +75,49 @@ def matches(predicted: str | None, answer: str, numeric: bool) -> bool:
     return predicted is not None and predicted.strip().rstrip(".。") == answer.strip().rstrip(".。")
 
 
+def solved_problems(cfg: dict, options: TaskOptions) -> list[tuple[str, str]]:
+    """(question, worked answer) of the first `shots` arithmetic conversations of the shots file (all it has, if
+    fewer)."""
+    path = Path(cfg["shots_file"]) if cfg["shots_file"] else data_path(options, "sft.jsonl", NAME, SOURCE)
+    if not path.is_file():
+        raise ValueError(f"arith option shots_file={path} names no file; give a JSONL of chat `messages`.")
+    found = []
+    for row in read_jsonl(path, ("messages",)):
+        turns = {m.get("role"): m.get("content") for m in row["messages"] if isinstance(m, dict)}
+        if row.get("kind", "arithmetic") == "arithmetic" and turns.get("user") and turns.get("assistant"):
+            found.append((str(turns["user"]), str(turns["assistant"])))
+        if len(found) == cfg["shots"]:
+            return found
+    if not found:
+        raise ValueError(f"{path} holds no arithmetic conversation to show as a solved problem; give shots_file=.")
+    return found  # fewer than asked: the prompt shows what there is
+
+
+def few_shot_prompt(question: str, shots: list[tuple[str, str]]) -> str:
+    return "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots) + f"Question: {question}\nAnswer:"
+
+
 def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
     cfg = read_options(OPTIONS, options.extra, NAME)
     path = Path(cfg["file"]) if cfg["file"] else data_path(options, "arith_eval.jsonl", NAME, SOURCE)
     if not path.is_file():
         raise ValueError(f"arith option file={path} names no file; give a JSONL of prompt/answer pairs.")
     rows = read_jsonl(path, ("prompt", "answer"))[: options.limit]
-    prompts = [tokenizer.render_chat([{"role": "user", "content": str(r["prompt"])}]) for r in rows]
+    if cfg["shots"] > 0:
+        shots = solved_problems(cfg, options)
+        budget = model.config.seq_length - cfg["max_new_tokens"]
+        prompts = [
+            fit_few_shot(
+                lambda k, q=str(r["prompt"]): tokenizer.encode(few_shot_prompt(q, shots[:k])), len(shots), budget
+            )[0]
+            for r in rows
+        ]
+        stop = STOP
+    else:
+        prompts = [tokenizer.render_chat([{"role": "user", "content": str(r["prompt"])}]) for r in rows]
+        stop = ()
     completions = generate_all(
-        model, tokenizer, prompts, cfg["max_new_tokens"], batch_size=options.batch_size, desc=NAME
+        model, tokenizer, prompts, cfg["max_new_tokens"], stop=stop, batch_size=options.batch_size, desc=NAME
     )
     samples = []
     for row, completion in zip(rows, completions):
