@@ -173,6 +173,10 @@ def same_number(a: str | None, b: str | None) -> bool:
 # Prompts and batched generation
 
 
+# Where a few-shot answer ends in the "Question: ... Answer: ..." layout: a blank line or the next question.
+FEW_SHOT_STOP = ("\n\n", "Question:")
+
+
 def fit_few_shot(build: Callable[[int], list[int]], shots: int, budget: int) -> tuple[list[int], int]:
     """The ids of the prompt with the most shots (at most `shots`) that fits `budget` tokens, and that number.
     When even the zero-shot prompt is too long its oldest tokens are dropped, as lm-eval does."""

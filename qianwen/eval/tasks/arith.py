@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from qianwen.eval.harness import (
+    FEW_SHOT_STOP,
     TaskOptions,
     TaskResult,
     data_path,
@@ -37,7 +38,6 @@ from qianwen.eval.harness import (
 
 NAME = "arith"
 OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128, "shots": 0, "shots_file": ""}
-STOP = ("\n\n", "Question:")
 SOURCE = "the synthetic-task generator of qianwen.data (or any JSONL of prompt/answer pairs)"
 _MARKED = re.compile(r"(?:The answer is|答案是|Final Answer:)[ \t]*(.+?)[ \t]*[.。]?[ \t]*$", re.MULTILINE)
 
@@ -112,7 +112,7 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
             )[0]
             for r in rows
         ]
-        stop = STOP
+        stop = FEW_SHOT_STOP
     else:
         prompts = [tokenizer.render_chat([{"role": "user", "content": str(r["prompt"])}]) for r in rows]
         stop = ()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from qianwen.eval.harness import (
+    FEW_SHOT_STOP,
     TaskOptions,
     TaskResult,
     data_path,
@@ -34,7 +35,6 @@ from qianwen.eval.harness import (
 NAME = "gsm8k"
 OPTIONS: dict[str, object] = {"shots": 8, "max_new_tokens": 256}
 SOURCE = "https://github.com/openai/grade-school-math (grade_school_math/data/)"
-STOP = ("\n\n", "Question:")
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 
 
@@ -71,11 +71,11 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
         prompts.append(ids)
         used.append(k)
     completions = generate_all(
-        model, tokenizer, prompts, cfg["max_new_tokens"], stop=STOP, batch_size=options.batch_size, desc=NAME
+        model, tokenizer, prompts, cfg["max_new_tokens"], stop=FEW_SHOT_STOP, batch_size=options.batch_size, desc=NAME
     )
     samples = []
     for row, completion, k in zip(test, completions, used):
-        text = completion.text  # generate cut it before any of STOP
+        text = completion.text  # generate cut it before any of FEW_SHOT_STOP
         predicted, expected = last_number(text), gold(row["answer"])
         samples.append(
             {
