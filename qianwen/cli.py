@@ -357,7 +357,7 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     from qianwen.data.synthetic import SandboxError, make_all, summary
 
     # Options left out are absent (argparse.SUPPRESS), so make_all's defaults are the only ones.
-    names = ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip", "corpus", "max_number", "tool_digits")
+    names = ("seed", "sft", "pairs", "pmp", "ppo", "eval_size", "flip", "corpus", "facts", "max_number", "tool_digits")
     given = {k: v for k, v in vars(args).items() if k in names}
     start = perf_counter()
     try:
@@ -685,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", type=float, metavar="F", help="fraction of PMP labels swapped (default 0.1)")
     p.add_argument(
         "--corpus", type=int, metavar="N", help="examples written as pretraining text to OUT/corpus/ (default 0)"
+    )
+    p.add_argument(
+        "--facts",
+        type=int,
+        metavar="N",
+        help="practice sheets of arithmetic facts (7 × 4 = 28) written to OUT/corpus/ too (default 0)",
     )
     p.add_argument(
         "--max-number",

@@ -40,6 +40,7 @@ class TaskSettings:
     eval_size: int = 200
     flip: float = 0.1
     corpus: int = 0  # examples also written as pretraining text, read beside the [data] inputs
+    facts: int = 0  # practice sheets of arithmetic facts, also pretraining text
     max_number: int = 0  # every number of an arithmetic problem at most this (0 = no cap)
     tool_digits: int = 5  # digits of the tool problems' first factor
 
@@ -81,10 +82,10 @@ class Settings:
     eval: EvalSettings
 
     def corpus(self, out: Path) -> list[str]:
-        """What the tokenizer and data prep read: the synthetic tasks' pretraining text when tasks.corpus > 0,
+        """What the tokenizer and data prep read: the synthetic tasks' pretraining text when tasks.corpus or tasks.facts > 0,
         then data.inputs (the standard library when none). The tasks come first so that a byte cap
         (data.read.max_bytes) trims the general text, not them."""
-        if not self.tasks.corpus:
+        if not (self.tasks.corpus or self.tasks.facts):
             return self.data_inputs
         from qianwen.util import STDLIB
 

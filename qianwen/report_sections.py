@@ -259,6 +259,9 @@ def section_tasks(out: Path) -> Section | None:
     corpus = manifest.get("corpus", {}).get("examples", 0)
     if corpus:
         counts["corpus/ (pretraining text)"] = corpus
+    facts = manifest.get("corpus", {}).get("facts", 0)
+    if facts:
+        counts["corpus/ (sheets of arithmetic facts)"] = facts
     summary = "synthetic tasks (arithmetic, instructions, tool use; English and Chinese): " + ", ".join(
         f"{name} {n:,}" for name, n in counts.items()
     )

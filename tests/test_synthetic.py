@@ -17,7 +17,7 @@ import pytest
 
 from qianwen.checks import END, KINDS, check_answer, flaws
 from qianwen.cli import main
-from qianwen.data import synthetic, synthetic_tasks
+from qianwen.data import synthetic, synthetic_arith, synthetic_tasks
 from qianwen.data.synthetic import make_all, preference_pair, preference_pairs
 from qianwen.data.synthetic_arith import arithmetic
 from qianwen.data.synthetic_tasks import CODE_INTERPRETER, INSTRUCTION_KINDS, WORDS, instruction, tool_problem
@@ -375,13 +375,14 @@ def test_same_seed_same_bytes_in_another_process(out, tmp_path):
 
 def test_cli_writes_the_set(tmp_path, capsys):
     args = ["--sft", "10", "--pairs", "5", "--pmp", "10", "--ppo", "5", "--eval", "5", "--flip", "0.2", "--seed", "1"]
-    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args, "--corpus", "90"]) == 0
+    assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args, "--corpus", "90", "--facts", "41"]) == 0
     printed = capsys.readouterr().out
     assert "wrote the synthetic set (seed 1)" in printed and "pmp.jsonl" in printed and "corpus/" in printed
+    assert "41 sheets of arithmetic facts" in printed
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
-    assert manifest["sizes"] == {"sft": 10, "pairs": 5, "pmp": 10, "ppo": 5, "eval": 5, "corpus": 90}
+    assert manifest["sizes"] == {"sft": 10, "pairs": 5, "pmp": 10, "ppo": 5, "eval": 5, "corpus": 90, "facts": 41}
     assert manifest["files"]["pmp.jsonl"]["flipped"] == 2
-    assert manifest["corpus"] == {"examples": 90, "files": 3}  # 40 examples a file
+    assert manifest["corpus"] == {"examples": 90, "facts": 41, "files": 5}  # 40 examples or sheets a file
     assert len(load(tmp_path / "syn" / "sft.jsonl")) == 10
     assert main(["data", "synthetic", "--out", str(tmp_path / "syn"), *args]) == 0
     assert not (tmp_path / "syn" / "corpus").exists()  # a rerun without a corpus leaves none behind
@@ -396,6 +397,32 @@ def test_the_pretraining_corpus_holds_no_held_out_task(tmp_path):
         held = {r["data"].get("question", r["prompt"]) for r in load(tmp_path / f"{name}.jsonl")}
         assert not held & set(questions), name
     assert "Action: code_interpreter" in text and "The answer is" in text  # the formats SFT will ask for
+
+
+def test_fact_sheets_hold_every_true_fact_within_the_cap_and_nothing_else(tmp_path):
+    """The practice sheets pretraining reads: each line a true a op b = c with every number from 1 to the cap,
+    each operation about as often as the others, and the fact tables complete (counted here by brute force)."""
+    table = synthetic_arith.facts(30)
+    for op in "+-*/":
+        results = {(a, b, OPS[op](a, b)) for a in range(1, 31) for b in range(1, 31)}
+        assert set(table[op]) == {(a, b, int(c)) for a, b, c in results if c == int(c) and 1 <= c <= 30}, op
+    assert [len(table[op]) for op in "+-*/"] == [435, 435, 111, 111]
+    make_all(tmp_path, seed=2, sft=0, pairs=0, pmp=0, ppo=0, eval_size=5, facts=300, max_number=12)
+    files = sorted((tmp_path / "corpus").glob("facts-*.txt"))
+    assert len(files) == 8  # 40 sheets a file
+    sheets = [sheet for p in files for sheet in p.read_text().strip().split("\n\n")]
+    assert len(sheets) == 300 and {s.splitlines()[0] for s in sheets} == set(synthetic_arith.FACT_HEADINGS)
+    lines = [line for s in sheets for line in s.splitlines()[1:]]
+    assert len(lines) == 300 * synthetic_arith.FACT_LINES
+    ops = Counter()
+    for line in lines:
+        a, sym, b, eq, c = line.split()
+        op = {v: k for k, v in synthetic_tasks.SHOWN.items()}[sym]
+        assert eq == "=" and OPS[op](int(a), int(b)) == int(c), line
+        assert max(int(a), int(b), int(c)) <= 12 and min(int(a), int(b), int(c)) >= 1, line
+        ops[op] += 1
+    assert all(abs(n / len(lines) - 0.25) < 0.03 for n in ops.values()), ops
+    assert not list((tmp_path / "corpus").glob("part-*.txt"))
 
 
 def test_tasks_split_by_a_hash_of_the_task_so_small_spaces_stay_in_training():

@@ -64,6 +64,7 @@ EVAL_SETS = {
 # held-out arithmetic came from four templates training had barely seen (benchmarks/ANALYSIS.md, session 10).
 HELD_OUT_SHARE = 0.2
 CORPUS_PER_FILE = 40
+SHEETS_PER_FILE = 40
 SANDBOX_BATCH = 500  # codes per sandbox start: starting one costs ~20 ms, a line of arithmetic microseconds
 
 
@@ -315,6 +316,7 @@ def make_all(
     eval_size: int = 200,
     flip: float = 0.1,
     corpus: int = 0,
+    facts: int = 0,
     max_number: int = 0,
     tool_digits: int = 5,
 ) -> dict:
@@ -322,10 +324,11 @@ def make_all(
     conversations, `pairs` clean preference pairs (rm.jsonl), `pmp` noisy ones with a fraction `flip` of labels
     swapped, `ppo` prompts, and `eval_size` records in each held-out file; and `corpus` more examples as plain
     "Question: ... Answer: ..." text files in `out_dir/corpus/`, for pretraining to read beside other text (the
-    held-out tasks are never among them). `max_number` (0 = none) caps every number of an arithmetic problem,
+    held-out tasks are never among them), with `facts` practice sheets of arithmetic facts ("7 × 4 = 28") beside
+    them, every number at most `max_number` (FACT_MAX when 0). `max_number` (0 = none) caps every number of an arithmetic problem,
     its working and answer included, and `tool_digits` sizes the tool problems' numbers: the knobs that fit the
     tasks to a model's size. The same seed gives the same bytes."""
-    sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size, "corpus": corpus}
+    sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size, "corpus": corpus, "facts": facts}
     for name, value in {**sizes, "max_number": max_number}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"the {name} size must be a whole number, 0 or more, got {value!r}.")
@@ -375,7 +378,10 @@ def make_all(
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(out / name, records)
-    corpus_files = write_corpus(out / "corpus", sets["corpus"])
+    table = synthetic_arith.facts(max_number or synthetic_arith.FACT_MAX)
+    sheet_rng = rng("facts")
+    sheets = [synthetic_arith.fact_sheet(sheet_rng, table) for _ in range(facts)]
+    corpus_files = write_corpus(out / "corpus", sets["corpus"], sheets)
     manifest = {
         "seed": seed,
         "sizes": sizes,
@@ -386,7 +392,7 @@ def make_all(
             name: _counts(records, name in ("pmp.jsonl", "rm.jsonl", "rm_eval.jsonl"))
             for name, records in files.items()
         },
-        "corpus": {"examples": len(sets["corpus"]), "files": corpus_files},
+        "corpus": {"examples": len(sets["corpus"]), "facts": facts, "files": corpus_files},
     }
     atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     return manifest
@@ -399,19 +405,23 @@ def corpus_text(example: Example) -> str:
     return f"Question: {question}\nAnswer: {example.response}"
 
 
-def write_corpus(directory: Path, examples: list[Example]) -> int:
-    """The examples as text files of CORPUS_PER_FILE each (documents of a size that text filters expect);
-    the old files go first, so a smaller corpus leaves none behind. Returns the number of files."""
+def write_corpus(directory: Path, examples: list[Example], sheets: Sequence[str] = ()) -> int:
+    """The examples as text files of CORPUS_PER_FILE each (documents of a size that text filters expect), and
+    the fact sheets as files of SHEETS_PER_FILE; the old files go first, so a smaller corpus leaves none behind.
+    Returns the number of files."""
     if directory.exists():
         shutil.rmtree(directory)
-    if not examples:
-        return 0
-    directory.mkdir(parents=True)
-    starts = range(0, len(examples), CORPUS_PER_FILE)
-    for n, start in enumerate(starts):
-        text = "\n\n".join(corpus_text(e) for e in examples[start : start + CORPUS_PER_FILE]) + "\n"
-        atomic_write(directory / f"part-{n:05d}.txt", text)
-    return len(starts)
+    texts = [corpus_text(e) for e in examples]
+    files = [
+        (f"{stem}-{n:05d}.txt", items[start : start + size])
+        for stem, items, size in [("part", texts, CORPUS_PER_FILE), ("facts", sheets, SHEETS_PER_FILE)]
+        for n, start in enumerate(range(0, len(items), size))
+    ]
+    if files:
+        directory.mkdir(parents=True)
+    for name, chunk in files:
+        atomic_write(directory / name, "\n\n".join(chunk) + "\n")
+    return len(files)
 
 
 def summary(manifest: dict, out_dir: str | os.PathLike, seconds: float) -> str:
@@ -422,6 +432,9 @@ def summary(manifest: dict, out_dir: str | os.PathLike, seconds: float) -> str:
         flipped = f"; {counts['flipped']} flipped" if counts.get("flipped") else ""
         lines.append(f"  {name:20s} {counts['records']:6d}  ({kinds}{flipped})")
     corpus = manifest.get("corpus", {})
-    if corpus.get("examples"):
-        lines.append(f"  {'corpus/':20s} {corpus['examples']:6d}  (pretraining text in {corpus['files']} files)")
+    if corpus.get("examples") or corpus.get("facts"):
+        facts = f", and {corpus['facts']} sheets of arithmetic facts" if corpus.get("facts") else ""
+        lines.append(
+            f"  {'corpus/':20s} {corpus['examples']:6d}  (pretraining text{facts}, in {corpus['files']} files)"
+        )
     return "\n".join(lines)

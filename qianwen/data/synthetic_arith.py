@@ -402,3 +402,36 @@ def wrong_reply(example: Example, rng: random.Random) -> str:
 def other_language_reply(example: Example) -> str:
     """The right working and answer, in the language the question is not in."""
     return arithmetic_reply(example.data["labels"], example.data["steps"], LANGS[1 - LANGS.index(example.lang)])
+
+
+def facts(max_number: int) -> dict[str, list[tuple[int, int, int]]]:
+    """Every a op b = c with a, b and c whole numbers from 1 to `max_number`, by operation: the facts the word
+    problems' working is made of."""
+    span = range(1, max_number + 1)
+    pairs = [(a, b) for a in span for b in span]
+    return {
+        op: [
+            (a, b, APPLY[op](a, b))
+            for a, b in pairs
+            if 1 <= APPLY[op](a, b) <= max_number and not (op == "/" and a % b)
+        ]
+        for op in APPLY
+    }
+
+
+FACT_LINES = 20
+FACT_HEADINGS = ("Arithmetic practice:", "算术练习：")
+FACT_MAX = 100  # the facts' range when the word problems have no cap
+
+
+def fact_sheet(rng: random.Random, table: dict[str, list[tuple[int, int, int]]], lines: int = FACT_LINES) -> str:
+    """A practice sheet of `lines` facts from `table` (see `facts`), each operation as likely as the others: a
+    9M model trained for minutes learns its sums and products from these, not from the word problems, where each
+    fact comes a few times (benchmarks/ANALYSIS.md, session 11)."""
+    ops = list(table)
+    rows = []
+    for _ in range(lines):
+        op = rng.choice(ops)
+        a, b, c = rng.choice(table[op])
+        rows.append(f"{a} {SHOWN[op]} {b} = {c}")
+    return "\n".join([rng.choice(FACT_HEADINGS), *rows])
