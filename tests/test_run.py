@@ -36,6 +36,7 @@ MICRO = [
     "tasks.ppo=8",
     "tasks.eval_size=4",
     "tasks.corpus=200",
+    "tasks.facts=20",
     "sft.steps=2",
     "sft.seq_length=256",
     "rm.pmp_steps=1",
@@ -178,6 +179,7 @@ def test_the_report_card_names_every_stage_and_embeds_its_plots(finished):
         "tool agent: sft ",
         "right only for ppo/",  # problem by problem, with the sign test
         "| tool agent | ",
+        "| corpus/ (sheets of arithmetic facts) | 20 |",
     ):
         assert words in report, words
     # tokens per stage, from the files the stages wrote
