@@ -325,9 +325,9 @@ def make_all(
     swapped, `ppo` prompts, and `eval_size` records in each held-out file; and `corpus` more examples as plain
     "Question: ... Answer: ..." text files in `out_dir/corpus/`, for pretraining to read beside other text (the
     held-out tasks are never among them), with `facts` practice sheets of arithmetic facts ("7 × 4 = 28") beside
-    them, every number at most `max_number` (FACT_MAX when 0). `max_number` (0 = none) caps every number of an arithmetic problem,
-    its working and answer included, and `tool_digits` sizes the tool problems' numbers: the knobs that fit the
-    tasks to a model's size. The same seed gives the same bytes."""
+    them, every number at most `max_number` (FACT_MAX when 0). `max_number` (0 = none) caps every number of an
+    arithmetic problem, its working and answer included, and `tool_digits` sizes the tool problems' numbers: the
+    knobs that fit the tasks to a model's size. The same seed gives the same bytes."""
     sizes = {"sft": sft, "pairs": pairs, "pmp": pmp, "ppo": ppo, "eval": eval_size, "corpus": corpus, "facts": facts}
     for name, value in {**sizes, "max_number": max_number}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -378,9 +378,10 @@ def make_all(
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(out / name, records)
-    table = synthetic_arith.facts(max_number or synthetic_arith.FACT_MAX)
-    sheet_rng = rng("facts")
-    sheets = [synthetic_arith.fact_sheet(sheet_rng, table) for _ in range(facts)]
+    sheets = []
+    if facts:
+        table, sheet_rng = synthetic_arith.facts(max_number or synthetic_arith.FACT_MAX), rng("facts")
+        sheets = [synthetic_arith.fact_sheet(sheet_rng, table) for _ in range(facts)]
     corpus_files = write_corpus(out / "corpus", sets["corpus"], sheets)
     manifest = {
         "seed": seed,
