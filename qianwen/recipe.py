@@ -82,9 +82,9 @@ class Settings:
     eval: EvalSettings
 
     def corpus(self, out: Path) -> list[str]:
-        """What the tokenizer and data prep read: the synthetic tasks' pretraining text when tasks.corpus or tasks.facts > 0,
-        then data.inputs (the standard library when none). The tasks come first so that a byte cap
-        (data.read.max_bytes) trims the general text, not them."""
+        """What the tokenizer and data prep read: the synthetic tasks' pretraining text when tasks.corpus or
+        tasks.facts > 0, then data.inputs (the standard library when none). The tasks come first so that a byte
+        cap (data.read.max_bytes) trims the general text, not them."""
         if not (self.tasks.corpus or self.tasks.facts):
             return self.data_inputs
         from qianwen.util import STDLIB
