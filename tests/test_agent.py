@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 import qianwen
-from qianwen.agent import build_prompt, completed_action, observation, parse, run, tool
+from qianwen.agent import build_prompt, completed_action, observation, parse, run, run_many, tool
 from qianwen.agent.calculator import calculate
 from qianwen.agent.tools import OUTPUT_CHARS, Tool, code_interpreter, describe, resolve
 from qianwen.cli import main
@@ -302,6 +302,32 @@ def test_a_reply_outside_the_format_is_the_answer(tokenizer):
     assert (result.answer, result.finish_reason, len(result.steps)) == ("Hello! How can I help?", "answer", 1)
 
 
+def test_run_many_steps_its_runs_in_lockstep_each_with_its_own_interpreter(tokenizer):
+    def act(code: str) -> str:
+        return f"Action: code_interpreter\nAction Input: {json.dumps({'code': code})}\n"
+
+    scripts = {
+        "a": [act("x = 1"), act("print(x + 1)"), "Final Answer: 2"],
+        "b": [act("print(x)"), "Final Answer: none"],
+        "c": ["Final Answer: 3"],
+        "d": [act("print(40 + 2)"), "Final Answer: 42"],
+    }
+    asked = []
+
+    def scripted(prompt: str) -> str:
+        question = next(q for q in scripts if f"Question: {q}<|im_end|>" in prompt)
+        asked.append(question)
+        return scripts[question].pop(0)
+
+    results = run_many(None, tokenizer, list(scripts), lambda: ["code_interpreter"], generate_fn=scripted, batch_size=3)
+    assert asked == ["a", "b", "c", "a", "b", "a", "d", "d"]  # rounds of the first three, then the fourth alone
+    assert [r.answer for r in results] == ["2", "none", "3", "42"]
+    assert results[0].steps[1].observation == "2"
+    assert "NameError: name 'x' is not defined" in results[1].steps[0].observation  # a's variables are a's own
+    with pytest.raises(ValueError, match="empty"):
+        run_many(None, tokenizer, ["q", " "], lambda: ["calculator"], generate_fn=scripted)
+
+
 def test_loop_checks_its_arguments(tokenizer):
     for kwargs, words in [({"question": " "}, "empty"), ({"max_steps": 0}, "max_steps"), ({"tools": []}, "tool")]:
         with pytest.raises(ValueError, match=words):
@@ -467,6 +493,16 @@ def test_agent_command_prints_the_trace_the_library_gives(checkpoint, capsys):
     assert events and events[0][0] in ("Thought", "Action", "Final Answer")
     expected_note = {"answer": "", "max_steps": "--max-steps 2", "length": "ran out of tokens"}[result.finish_reason]
     assert expected_note in err and "Traceback" not in err
+
+
+def test_run_many_answers_as_run_does_question_by_question(checkpoint):
+    model, tok = qianwen.load(checkpoint)
+    questions = ["What is 6 * 7?", "计算 12 + 30。", "What is 2 ** 10?"]
+    alone = [run(model, tok, q, ["calculator"], 2, 8) for q in questions]
+    together = run_many(model, tok, questions, lambda: ["calculator"], 2, 8, batch_size=2)
+    assert [(r.text, r.answer, r.finish_reason) for r in together] == [
+        (r.text, r.answer, r.finish_reason) for r in alone
+    ]
 
 
 def test_a_prompt_past_the_window_is_refused_before_generating(tokenizer):

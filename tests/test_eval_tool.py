@@ -72,7 +72,7 @@ DIRECT = {Q1: "The answer is 83810205.", Q2: "答案是 67,032,113。", Q3: "It 
 
 
 def scripted_agent(seen: list[str]):
-    """`qianwen.agent.run` with the model replaced by the scripts above (the sandbox is real)."""
+    """`qianwen.agent.run_many` with the model replaced by the scripts above (the sandbox is real)."""
     left = {q: iter(replies) for q, replies in AGENT.items()}
 
     def generate_fn(text: str) -> str:
@@ -80,7 +80,7 @@ def scripted_agent(seen: list[str]):
         question = next(q for q in AGENT if f"Question: {q}<|im_end|>" in text)
         return next(left[question])
 
-    return functools.partial(loop.run, generate_fn=generate_fn)
+    return functools.partial(loop.run_many, generate_fn=generate_fn)
 
 
 def fake_generate_all(seen: list[str]):
@@ -106,7 +106,7 @@ def test_scoring_extraction_and_counts(monkeypatch, tmp_path, tokenizer):
     write_rows(tmp_path / "tool_eval.jsonl")
     agent_seen: list[str] = []
     direct_seen: list[str] = []
-    monkeypatch.setattr(tool, "agent_run", scripted_agent(agent_seen))
+    monkeypatch.setattr(tool, "agent_run_many", scripted_agent(agent_seen))
     monkeypatch.setattr(tool, "generate_all", fake_generate_all(direct_seen))
     result = tool.evaluate(None, tokenizer, TaskOptions(tmp_path, None))
 
@@ -152,7 +152,7 @@ def test_scoring_extraction_and_counts(monkeypatch, tmp_path, tokenizer):
 
 def test_limit_and_bad_input(monkeypatch, tmp_path, tokenizer):
     write_rows(tmp_path / "tool_eval.jsonl")
-    monkeypatch.setattr(tool, "agent_run", scripted_agent([]))
+    monkeypatch.setattr(tool, "agent_run_many", scripted_agent([]))
     monkeypatch.setattr(tool, "generate_all", fake_generate_all([]))
     result = tool.evaluate(None, tokenizer, TaskOptions(tmp_path, 1))
     assert len(result.samples) == 1 and result.metrics["agent_accuracy"] == 1.0
@@ -166,7 +166,7 @@ def test_limit_and_bad_input(monkeypatch, tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"max_steps=0 must be at least 1"):
         tool.evaluate(None, tokenizer, TaskOptions(tmp_path, None, extra={"max_steps": "0"}))
 
-    monkeypatch.setattr(tool, "agent_run", scripted_agent([]))
+    monkeypatch.setattr(tool, "agent_run_many", scripted_agent([]))
     stale = tmp_path / "stale.jsonl"
     stale.write_text(json.dumps({"prompt": "Question: " + Q1, "answer": str(A1), "data": {"question": Q1}}) + "\n")
     with pytest.warns(UserWarning, match="1 record"):

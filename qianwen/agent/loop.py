@@ -54,15 +54,90 @@ def run(
         if model is None:
             raise ValueError("give a model, or a generate_fn that stands in for one.")
         complete = _model_completion(model, tokenizer, tokenizer.render_chat(messages), max_new_tokens)
+    turns = _turns(resolved, max_steps, on_event or (lambda label, text: None))
     try:
-        return _loop(complete, resolved, max_steps, on_event or (lambda label, text: None))
+        text = next(turns)
+        while True:
+            text = turns.send(complete(text))
+    except StopIteration as done:
+        return done.value
     finally:
-        for t in resolved:
-            if t.close is not None:
-                t.close()
+        _close(resolved)
 
 
-def _model_completion(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int):
+def run_many(
+    model: Transformer | None,
+    tokenizer: Tokenizer,
+    questions: Sequence[str],
+    tools: Callable[[], Sequence[Tool | str | Mapping]],
+    max_steps: int = 8,
+    max_new_tokens: int = 512,
+    system: str | None = None,
+    generate_fn: Callable[[str], str] | None = None,
+    batch_size: int = 32,
+) -> list[AgentResult]:
+    """`run` for many questions, `batch_size` at a time in lockstep: each round, every unfinished run's next step
+    is one row of a single batched greedy generation, then their tools run. `tools()` gives each run its own
+    tools (an interpreter's variables belong to one run). The answers are those of one `run` per question, up to
+    the rounding of a batched forward; `generate_fn` replaces the model as in `run`."""
+    for question in questions:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("a question is empty; ask the agent something.")
+    if max_steps < 1 or batch_size < 1:
+        raise ValueError(f"max_steps and batch_size must be at least 1, got {max_steps} and {batch_size}.")
+    if generate_fn is None and model is None:
+        raise ValueError("give a model, or a generate_fn that stands in for one.")
+    results: list[AgentResult] = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        results += _lockstep(model, tokenizer, chunk, tools, max_steps, max_new_tokens, system, generate_fn)
+    return results
+
+
+def _lockstep(model, tokenizer, questions, tools, max_steps, max_new_tokens, system, generate_fn) -> list[AgentResult]:
+    kits = [resolve(tools()) for _ in questions]
+    prompts = []
+    for question, kit in zip(questions, kits):
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": build_prompt(question, kit)})
+        if generate_fn is not None:
+            prompts.append(tokenizer.chat_text(messages))
+        else:
+            prompts.append(tokenizer.render_chat(messages))
+            _check_window(model, prompts[-1])
+    results: list[AgentResult | None] = [None] * len(questions)
+    pending: dict[int, tuple] = {}
+    try:
+        for i, kit in enumerate(kits):
+            turns = _turns(kit, max_steps, lambda label, text: None)
+            pending[i] = (turns, next(turns))
+        while pending:
+            if generate_fn is not None:
+                outs = {i: (generate_fn(prompts[i] + text), "stop") for i, (_, text) in pending.items()}
+            else:
+                work = {i: (prompts[i], text) for i, (_, text) in pending.items()}
+                outs = _complete_many(model, tokenizer, work, max_new_tokens)
+            for i, out in outs.items():
+                turns = pending[i][0]
+                try:
+                    pending[i] = (turns, turns.send(out))
+                except StopIteration as done:
+                    results[i] = done.value
+                    del pending[i]
+                    _close(kits[i])
+    finally:
+        for i in pending:
+            _close(kits[i])
+    return results  # type: ignore[return-value]
+
+
+def _close(tools: list[Tool]) -> None:
+    for t in tools:
+        if t.close is not None:
+            t.close()
+
+
+def _check_window(model: Transformer, prompt: list[int]) -> None:
     window = model.config.max_position_embeddings
     if len(prompt) >= window:
         raise ValueError(
@@ -70,23 +145,41 @@ def _model_completion(model: Transformer, tokenizer: Tokenizer, prompt: list[int
             "use fewer tools or a shorter question."
         )
 
+
+def _model_completion(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int):
+    _check_window(model, prompt)
+
     def complete(text: str) -> tuple[str, str]:
-        # The assistant's text is encoded as plain text: an observation cannot forge ChatML special tokens.
-        ids = prompt + tokenizer.encode(text)
-        room = window - len(ids)
-        if room < 1:
-            return "", "length"
-        out = generate(model, tokenizer, ids, min(max_new_tokens, room), stop=STOP)
-        return out.text, out.finish_reason
+        return _complete_many(model, tokenizer, {0: (prompt, text)}, max_new_tokens)[0]
 
     return complete
 
 
-def _loop(complete, tools: list[Tool], max_steps: int, emit: Callable[[str, str], None]) -> AgentResult:
+def _complete_many(model: Transformer, tokenizer: Tokenizer, work: dict, max_new_tokens: int) -> dict:
+    """{key: (completion, finish_reason)} for {key: (prompt ids, assistant text so far)}: the rows with room for
+    `max_new_tokens` share one batched generation, the rest (near the window's end) are generated one by one
+    within what room they have."""
+    window = model.config.max_position_embeddings
+    # The assistant's text is encoded as plain text: an observation cannot forge ChatML special tokens.
+    ids = {key: prompt + tokenizer.encode(text) for key, (prompt, text) in work.items()}
+    out = {key: ("", "length") for key, row in ids.items() if window - len(row) < 1}
+    full = [key for key, row in ids.items() if window - len(row) >= max_new_tokens]
+    if full:
+        batch = generate(model, tokenizer, [ids[key] for key in full], max_new_tokens, stop=STOP)
+        out |= {key: (c.text, c.finish_reason) for key, c in zip(full, batch)}
+    for key in ids.keys() - out.keys():
+        c = generate(model, tokenizer, ids[key], window - len(ids[key]), stop=STOP)
+        out[key] = (c.text, c.finish_reason)
+    return out
+
+
+def _turns(tools: list[Tool], max_steps: int, emit: Callable[[str, str], None]):
+    """The loop of one run as a generator, so that many runs can share each generation: it yields the assistant
+    text so far, is sent the model's (completion, finish_reason), and returns the AgentResult."""
     by_name = {t.name: t for t in tools}
     text, steps = "", []
     for n in range(max_steps):
-        completion, reason = complete(text)
+        completion, reason = yield text
         step = parse(completion, tools)
         steps.append(step)
         if step.thought:

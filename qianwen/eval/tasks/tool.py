@@ -8,9 +8,10 @@ a top-level `question`. Each question is scored twice, greedily:
 - direct: the question as one ChatML user turn (with the default system prompt), batched; the answer is extracted
   as the `arith` task does (the N of a last "The answer is N." / "答案是 N。" / "Final Answer: N", else the last
   number), and compared by value with commas removed;
-- agent: `qianwen.agent.run` with the `code_interpreter` tool, whose code runs in `qianwen.sandbox`, one question
-  at a time. The model sees exactly the prompt the synthetic transcripts train it on (the spec's ReAct prompt
-  offering the code interpreter, as a user turn after the default system prompt); each step generates at most
+- agent: `qianwen.agent.run_many` with the `code_interpreter` tool, whose code runs in `qianwen.sandbox`; a
+  batch's runs step in lockstep, each step of every unfinished run one row of a batched generation. The model
+  sees exactly the prompt the synthetic transcripts train it on (the spec's ReAct prompt offering the code
+  interpreter, as a user turn after the default system prompt); each step generates at most
   `agent_max_new_tokens` and stops at "Observation:", for at most `max_steps` steps. The run's answer (its
   Final Answer, or a reply outside the format) is extracted and compared as above.
 
@@ -23,14 +24,11 @@ cut off by the token limit is not counted) and `agent_answers` (runs that ended 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
-from tqdm import tqdm
-
 from qianwen.agent.loop import AgentResult
-from qianwen.agent.loop import run as agent_run
+from qianwen.agent.loop import run_many as agent_run_many
 from qianwen.agent.react import build_prompt
 from qianwen.agent.tools import code_interpreter
 from qianwen.eval.harness import (
@@ -116,20 +114,19 @@ def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
     )
     if rows:
         _check_sandbox(cfg["timeout"])
+    runs = agent_run_many(
+        model,
+        tokenizer,
+        questions,
+        tools=lambda: [code_interpreter(timeout=cfg["timeout"])],
+        max_steps=cfg["max_steps"],
+        max_new_tokens=cfg["agent_max_new_tokens"],
+        batch_size=options.batch_size,
+    )
     samples = []
-    for row, question, completion in tqdm(
-        list(zip(rows, questions, direct)), desc=f"{NAME} agent", unit="question", file=sys.stderr, disable=None
-    ):
+    for row, question, completion, result in zip(rows, questions, direct, runs, strict=True):
         answer = str(row["answer"])
         numeric = last_number(answer) == answer.replace(",", "").strip()
-        result = agent_run(
-            model,
-            tokenizer,
-            question,
-            tools=[code_interpreter(timeout=cfg["timeout"])],
-            max_steps=cfg["max_steps"],
-            max_new_tokens=cfg["agent_max_new_tokens"],
-        )
         direct_predicted = extract(completion.text, numeric)
         agent_predicted = extract(result.answer, numeric) if result.answer is not None else None
         samples.append(
