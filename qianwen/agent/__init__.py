@@ -12,4 +12,15 @@ from qianwen.agent.loop import AgentResult, run, run_many
 from qianwen.agent.react import Step, build_prompt, completed_action, observation, parse
 from qianwen.agent.tools import Tool, tool
 
-__all__ = ["AgentResult", "Step", "Tool", "build_prompt", "completed_action", "observation", "parse", "run", "run_many", "tool"]
+__all__ = [
+    "AgentResult",
+    "Step",
+    "Tool",
+    "build_prompt",
+    "completed_action",
+    "observation",
+    "parse",
+    "run",
+    "run_many",
+    "tool",
+]
