@@ -496,7 +496,7 @@ def _device(name: str):
 
 def eval_stage(ctx: Context) -> None:
     """Each model of the run scored by the harness; a model whose summary lacks a wanted task is scored again.
-    The chat tasks have their own sample limit (the agent answers one question at a time), longctx none."""
+    The chat tasks have their own sample limit (an agent run is several generations and a sandbox), longctx none."""
     from qianwen.eval import harness, tasks
 
     settings, out = ctx.settings.eval, ctx.out
