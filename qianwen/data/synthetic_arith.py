@@ -337,8 +337,10 @@ def arithmetic(rng: random.Random, lang: str, max_number: int = 0) -> Example:
     for _ in range(10_000):
         template = rng.choice(_TEMPLATES)
         en, zh, ops, numbers = template(rng)
+        if max_number and max(numbers) > max_number:
+            continue  # most draws under a small cap end here, before the working is computed
         steps = solve(ops)
-        if not max_number or max(*numbers, *(n for a, _, b, c in steps for n in (a, b, c))) <= max_number:
+        if not max_number or max(n for a, _, b, c in steps for n in (a, b, c)) <= max_number:
             break
     else:
         raise ValueError(f"no arithmetic problem keeps every number at or below max_number={max_number}; raise it.")
