@@ -96,6 +96,28 @@ def test_reusing_the_first_minibatch_forwards_changes_nothing(setup, monkeypatch
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_ptx_reads_new_windows_for_every_policy_update(setup, monkeypatch):
+    """PPO-ptx takes `ptx_batch_size` pretraining windows per policy update, and never the same ones twice."""
+    from qianwen.train import ppo as ppo_module
+
+    read = []
+
+    class Windows:
+        def __init__(self, shards, seq_length, seed):
+            self.seq_length = seq_length
+
+        def batch(self, first, size):
+            read.append((first, size))
+            return torch.randint(0, 256, (size, self.seq_length + 1))
+
+    monkeypatch.setattr(ppo_module, "TokenShards", lambda *args: None)
+    monkeypatch.setattr(ppo_module, "WindowSampler", Windows)
+    more = ("steps=3", "value_warmup_steps=1", "ptx_coef=1.0", "ptx_data=shards", "ptx_batch_size=3", "ppo_epochs=2")
+    ppo(load_config(None, settings(setup, "ptx", *more, "prompts_per_step=8", "minibatch_size=8")), ascii_share)
+    # Two policy steps of 16 replies, two epochs of two minibatches each: eight updates of three windows.
+    assert read == [(first, 3) for first in range(12, 36, 3)]
+
+
 def test_four_models_from_the_reward_model_directory(setup, capsys):
     history = ppo(
         load_config(None, settings(setup, "c", f"reward_model={setup / 'rm'}", "steps=2", "value_warmup_steps=1"))

@@ -10,7 +10,8 @@ The policy and a frozen reference start from the SFT model; the value model star
   3. GAE (gamma 1, lambda 0.95) over the reply tokens only, advantages whitened over the batch;
   4. `ppo_epochs` passes of minibatches: clipped policy loss (0.2) and clipped value loss (0.15), separate
      AdamW optimisers; for the first `value_warmup_steps` steps only the value model learns; with
-     `ptx_coef` > 0, the pretraining loss on shards of `ptx_data` is added to the policy's (PPO-ptx).
+     `ptx_coef` > 0, the pretraining loss on `ptx_batch_size` new windows of `ptx_data` is added to the
+     policy's at every update (PPO-ptx).
 Metrics per step go to `<out>/metrics/ppo.jsonl`; the policy is written to `<out>/ppo/` as a HF directory.
 Every `save_every` steps the four models' trainable state (policy, value, both optimisers, the random streams
 and the metrics so far) goes to `<out>/checkpoints/ppo/step-N`; `resume` continues from the newest, and since
@@ -93,6 +94,7 @@ class PPOConfig:
     value_warmup_steps: int = 50
     ptx_coef: float = 0.0
     ptx_data: str = ""  # `qianwen data prep` shards for PPO-ptx
+    ptx_batch_size: int = 0  # pretraining windows per policy update (0 = minibatch_size)
     grad_clip: float = 1.0
     save_every: int = 0  # steps between checkpoints (0: none)
     seed: int = 0
@@ -119,6 +121,8 @@ class PPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.ptx_batch_size < 0:
+            raise ValueError(f"ptx_batch_size must be 0 (minibatch_size) or more, got {self.ptx_batch_size}.")
         if self.save_every < 0:
             raise ValueError(f"save_every must be 0 (no checkpoints) or more, got {self.save_every}.")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -223,7 +227,7 @@ class PPO:
     def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
         self.config = config
         self.runtime = runtime = init_runtime(config.device)
-        for name in ("prompts_per_step", "minibatch_size"):
+        for name in ("prompts_per_step", "minibatch_size", "ptx_batch_size"):
             if getattr(config, name) % runtime.world:
                 raise ValueError(
                     f"{name}={getattr(config, name)} does not divide among {runtime.world} processes; "
@@ -424,7 +428,10 @@ class PPO:
                     with self.cast():
                         logp, entropy = self.policy(ro.tokens[chunk], m, entropy=True)
                 p_loss, clip_frac = policy_loss(logp, old_logp[chunk], advantages[chunk], m, config.clip, count)
-                loss = p_loss + (config.ptx_coef * self._ptx_loss(step) if self.ptx else 0.0)
+                update = epoch * len(chunks) + k
+                loss = p_loss + (
+                    config.ptx_coef * self._ptx_loss(step, update, len(epochs) * len(chunks)) if self.ptx else 0.0
+                )
                 if not torch.isfinite(runtime.sum(loss.detach())):
                     raise TrainingError(f"the policy loss became {loss.item()} at step {step + 1}; lower lr.")
                 self.policy_opt.zero_grad(set_to_none=True)
@@ -452,11 +459,12 @@ class PPO:
         record |= {k: round(float(np.mean(v)), 6) for k, v in stats.items() if v}
         return record
 
-    def _ptx_loss(self, step: int) -> torch.Tensor:
-        mb = self.config.minibatch_size // self.runtime.world
-        index = (step * self.runtime.world + self.runtime.rank) * mb
+    def _ptx_loss(self, step: int, update: int, updates: int) -> torch.Tensor:
+        """The pretraining loss on this process's share of `ptx_batch_size` windows, new ones for every update."""
+        rows = (self.config.ptx_batch_size or self.config.minibatch_size) // self.runtime.world
+        index = ((step * updates + update) * self.runtime.world + self.runtime.rank) * rows
         with self.cast():
-            return self.policy(self.ptx.batch(index, mb).to(self.runtime.device))
+            return self.policy(self.ptx.batch(index, rows).to(self.runtime.device))
 
     # -- checkpoints ------------------------------------------------------------
 
