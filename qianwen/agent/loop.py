@@ -45,8 +45,7 @@ def run(
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
     resolved = resolve(tools, callables)
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": build_prompt(question, resolved)})
+    messages = _messages(question, resolved, system)
     if generate_fn is not None:
         prefix = tokenizer.chat_text(messages)
         complete = lambda text: (generate_fn(prefix + text), "stop")
@@ -98,8 +97,7 @@ def _lockstep(model, tokenizer, questions, tools, max_steps, max_new_tokens, sys
     kits = [resolve(tools()) for _ in questions]
     prompts = []
     for question, kit in zip(questions, kits):
-        messages = [{"role": "system", "content": system}] if system is not None else []
-        messages.append({"role": "user", "content": build_prompt(question, kit)})
+        messages = _messages(question, kit, system)
         if generate_fn is not None:
             prompts.append(tokenizer.chat_text(messages))
         else:
@@ -129,6 +127,12 @@ def _lockstep(model, tokenizer, questions, tools, max_steps, max_new_tokens, sys
         for i in pending:
             _close(kits[i])
     return results  # type: ignore[return-value]
+
+
+def _messages(question: str, tools: list[Tool], system: str | None) -> list[dict]:
+    """The conversation an agent run continues: the system prompt if given, then the ReAct prompt as the user."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return [*messages, {"role": "user", "content": build_prompt(question, tools)}]
 
 
 def _close(tools: list[Tool]) -> None:
