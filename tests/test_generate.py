@@ -123,6 +123,25 @@ def test_top_k_top_p_keep_exactly_the_reference_set(top_k, top_p):
     )
 
 
+def test_nucleus_from_sorted_values_equals_the_sort_and_scatter_reference():
+    """numpy's sort of the values alone gives the same nucleus as sorting ids with torch and scattering back."""
+
+    def by_torch_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        return logits.scatter(-1, order, ordered.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf")))
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 4.0, 12.0):
+        logits = torch.randn(16, 4096, generator=gen) * scale
+        for top_p in (0.1, 0.9, 0.999):
+            assert torch.equal(filter_logits(logits, Sampling(temperature=1.0, top_p=top_p)), by_torch_sort(logits, top_p))
+    # A tie at the floor keeps every tied token (a sort would keep those it happened to rank first).
+    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])
+    kept = filter_logits(tied, Sampling(temperature=1.0, top_p=0.8))
+    assert torch.isfinite(kept).tolist() == [[True, True, True, True, False]]
+
+
 def test_samples_follow_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
     s = Sampling(temperature=1.0, top_k=3)
