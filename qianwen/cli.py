@@ -53,6 +53,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--model", required=required, metavar="DIR", help="checkpoint directory (qianwen, HF Qwen2 or Qwen v1)"
@@ -269,12 +276,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0002)
     name = args.served_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("QIANWEN_API_KEY")
-    app = create_app(model, tok, name, api_key, args.max_batch, args.max_queue, args.max_model_len)
+    prefix_bytes = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 2**20)
+    app = create_app(model, tok, name, api_key, args.max_batch, args.max_queue, args.max_model_len, prefix_bytes)
     where = f"http://{args.host}:{args.port}"
     engine = app.state.engine
     print(
         f"serving {name!r} at {where}: chat page {where}/, OpenAI API {where}/v1; {engine.max_batch} rows of "
-        f"{engine.max_len} tokens in the KV cache ({engine.cache_bytes / 2**30:.2f} GiB)",
+        f"{engine.max_len} tokens in the KV cache ({engine.cache_bytes / 2**30:.2f} GiB), "
+        + (f"{engine.prefix.budget / 2**20:.0f} MiB of prefix cache" if engine.prefix else "no prefix cache"),
         file=sys.stderr,
         flush=True,
     )
@@ -596,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="choices waiting for a row before 429")
     p.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context per row (default: the model's)")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=_non_negative_float,
+        metavar="MB",
+        help="keys and values of past prompts and replies kept for prompts that begin with them "
+        "(default: a quarter of the KV cache; 0: off)",
+    )
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -5,7 +5,13 @@ shares). A request joins the running batch between two decoding steps (its promp
 the n choices of one prompt share that prefill) and leaves it the step it finishes, or the step after its client
 goes away, so a long reply never holds a short one up. Live rows are kept at the front of the cache: one
 decoding step is one forward pass over a view of those rows, each row at its own position. Beyond `max_batch`
-running and `max_queue` waiting, `submit` refuses with `Overloaded`."""
+running and `max_queue` waiting, `submit` refuses with `Overloaded`.
+
+Prefix caching: the keys and values of every prompt prefilled and of every finished reply (with its prompt) are
+kept within a byte budget (`qianwen.prefix_cache`). A prompt that an entry covers but for its last token skips
+its prefill: its row gets the cached keys and values and joins the next decoding step with that token. One
+whose first half or more is cached prefills only the rest. Dynamic NTK fixes a row's rotary base from its
+prompt's length, so prompts past the training length are neither matched nor kept there."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 
 from qianwen.generate import OutputText, Sampling, sample
 from qianwen.model import Transformer
+from qianwen.prefix_cache import Entry, PrefixCache
 from qianwen.tokenizer import Tokenizer
 
 
@@ -74,7 +81,8 @@ class Job:
         self.plain = params.temperature == 0 and params.logprobs is None and self.bias is None
         self.plain = self.plain and not (params.presence_penalty or params.frequency_penalty)
         self.length = 0  # tokens in the cache row
-        self.next_token = -1  # sampled, not yet fed to the model
+        self.next_token = -1  # sampled (or the prompt's last token when its prefill was cached), not yet fed
+        self.sampled: list[int] = []  # every id picked, stop ids included
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -84,6 +92,7 @@ class Job:
 
 class Engine:
     PREFILL_TOKENS = 16384  # prompts prefilled together pad to at most this many tokens in all
+    PARTIAL_REUSE_TOKENS = 16  # a cached prefix shorter than this (or than half the prompt) is prefilled anyway
 
     def __init__(
         self,
@@ -93,9 +102,11 @@ class Engine:
         max_queue: int = 64,
         max_len: int | None = None,
         deliver: Callable[[list[tuple[Job, Event]]], None] | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         """`deliver`, when given, receives each step's events in one call (from the engine's thread), e.g. to hand
-        them to an event loop at once; without it, each job's `emit` is called for its own events."""
+        them to an event loop at once; without it, each job's `emit` is called for its own events.
+        `prefix_cache_bytes`: the prefix cache's budget (None: a quarter of the KV cache's size; 0: none)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -116,6 +127,8 @@ class Engine:
         if model.config.use_dynamic_ntk:
             self.cache.alpha = torch.ones(max_batch, device=self.cache.k.device)
         self.device = self.cache.k.device
+        budget = self.cache_bytes // 4 if prefix_cache_bytes is None else prefix_cache_bytes
+        self.prefix = PrefixCache(budget) if budget > 0 else None
         self.active: list[Job] = []  # job i owns cache row i
         self._admitting = 0  # jobs taken off the queue and not yet in `active`
         self.waiting: collections.deque[list[Job]] = collections.deque()
@@ -160,6 +173,8 @@ class Engine:
             "steps": self.steps,
             "generated_tokens": self.generated,
             "cancelled": self.cancelled,
+            "prefix_cache_hits": self.prefix.hits if self.prefix else 0,
+            "prefix_cache_reused_tokens": self.prefix.reused_tokens if self.prefix else 0,
         }
 
     def close(self) -> None:
@@ -192,14 +207,24 @@ class Engine:
                     self._admitting -= len(jobs) - len(live)
                     if live:
                         groups.append(live)
-                for chunk in self._prefill_chunks(groups):
+                misses = []
+                for group in groups:
+                    cached, entry = self._cached_prefix(group[0].prompt)
+                    if cached and cached == len(group[0].prompt) - 1:
+                        self._join(group, entry)
+                    elif cached:
+                        self._prefill([group], cached, entry)
+                    else:
+                        misses.append(group)
+                for chunk in self._prefill_chunks(misses):
                     self._prefill(chunk)
                 if self.active:
                     self._step()
                 self._flush()
             except Exception as exc:  # one failing batch must not take the server down
                 traceback.print_exc()
-                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+                admitted_jobs = [j for jobs in admitted for j in jobs if j not in self.active]
+                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}", admitted_jobs)
 
     def _prefill_chunks(self, groups: list[list[Job]]) -> list[list[list[Job]]]:
         """The admitted prompts in runs whose padded batch stays within PREFILL_TOKENS (one prompt at least)."""
@@ -212,26 +237,72 @@ class Engine:
                 chunks.append([group])
         return chunks
 
+    def _cached_prefix(self, prompt: list[int]) -> tuple[int, Entry | None]:
+        """How much of the prompt's prefill the prefix cache saves (at most all but its last token, whose logits
+        are needed), and the entry; (0, None) when too little to be worth a prefill of its own."""
+        if self.prefix is None or not self._keepable(len(prompt)):
+            return 0, None
+        n, entry = self.prefix.match(prompt)
+        n = min(n, len(prompt) - 1)
+        if n <= 0 or (n < len(prompt) - 1 and (n < self.PARTIAL_REUSE_TOKENS or 2 * n < len(prompt))):
+            return 0, None
+        self.prefix.hits += 1
+        self.prefix.reused_tokens += n
+        return n, entry
+
+    def _keepable(self, prompt_length: int) -> bool:
+        """Whether a row's keys are the same whatever the prompt: not so under dynamic NTK past the training
+        length, where the prompt's length sets the rotary base of every key."""
+        config = self.model.config
+        return not config.use_dynamic_ntk or prompt_length <= config.seq_length
+
+    def _place(self, row: int, entry: Entry, n: int) -> None:
+        self.cache.k[:, row, :, :n] = entry.k[:, :, :n]
+        self.cache.v[:, row, :, :n] = entry.v[:, :, :n]
+        self.cache.seen[row] = n
+        if self.cache.alpha is not None:
+            self.cache.alpha[row] = 1.0
+
+    def _join(self, group: list[Job], entry: Entry) -> None:
+        """Choices whose prompt is cached but for its last token: their rows get the cached keys and values and
+        join the next decoding step with that token, which gives their first logits."""
+        for job in group:
+            n = len(job.prompt) - 1
+            self._place(len(self.active), entry, n)
+            job.length, job.next_token = n, job.prompt[-1]
+            self.active.append(job)
+            self._admitting -= 1
+
+    def _keep(self, row: int, tokens: list[int]) -> None:
+        """Put a row's first len(tokens) keys and values in the prefix cache."""
+        n = len(tokens)
+        self.prefix.add(tokens, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+
     @torch.inference_mode()
-    def _prefill(self, groups: list[list[Job]]) -> None:
+    def _prefill(self, groups: list[list[Job]], start: int = 0, entry: Entry | None = None) -> None:
         """Prefill several prompts in one forward pass (each group is one prompt's n choices): right-padded, so
         that every row's tokens sit at slots 0..length-1 as decoding expects, the pads beyond a row's length
         masked until its own tokens overwrite them. A choice beyond the first gets a copy of its prompt's row.
         Under load this replaces a forward pass per request: 16 requests arriving together are prefilled in
-        one."""
+        one. With `start`, one prompt whose first `start` tokens are the prefix cache's `entry`: only the rest
+        runs."""
         first, cache = len(self.active), self.cache
         lengths = torch.tensor([len(g[0].prompt) for g in groups])
-        T = int(lengths.max())
+        T = int(lengths.max()) - start
         ids = torch.zeros((len(groups), T), dtype=torch.long)
         for r, group in enumerate(groups):
-            ids[r, : lengths[r]] = torch.tensor(group[0].prompt)
+            ids[r, : lengths[r] - start] = torch.tensor(group[0].prompt[start:])
         mask = None
-        if bool((lengths < T).any()):  # positions, and the NTK factor, count each row's own tokens only
-            mask = (torch.arange(T)[None] < lengths[:, None]).long().to(self.device)
-        cache.seen[first : first + len(groups)] = 0
+        if bool((lengths - start < T).any()):  # positions, and the NTK factor, count each row's own tokens only
+            mask = (torch.arange(T)[None] < (lengths - start)[:, None]).long().to(self.device)
+        if entry is not None:
+            self._place(first, entry, start)
+        else:
+            cache.seen[first : first + len(groups)] = 0
         view = cache.rows(first, first + len(groups))
+        view.length = start
         hidden = self.model.hidden_states(ids.to(self.device), mask, view)
-        last = hidden[torch.arange(len(groups), device=self.device), (lengths - 1).to(self.device)]
+        last = hidden[torch.arange(len(groups), device=self.device), (lengths - 1 - start).to(self.device)]
         logits = self.model.lm_head(last).float()
         extra = first + len(groups)  # rows of the prompts' first choices come first, then the other choices
         for r, group in enumerate(groups):
@@ -246,6 +317,8 @@ class Engine:
                 if cache.alpha is not None:
                     cache.alpha[row] = view.alpha[r] if view.alpha is not None else 1.0
                 job.length = n
+            if self.prefix is not None and self._keepable(n):
+                self._keep(home, group[0].prompt)
         # `active` lists jobs in row order: the first choices, then the others in the order their rows were given.
         self.active += [g[0] for g in groups] + [j for g in groups for j in g[1:]]
         for r, group in enumerate(groups):
@@ -285,6 +358,7 @@ class Engine:
         job.counts[token] += 1
         self.generated += 1
         job.next_token = token
+        job.sampled.append(token)
         text = job.output.add(token)
         if not job.output.done and len(job.output.ids) >= p.max_tokens:
             text += job.output.finish("length")
@@ -331,6 +405,9 @@ class Engine:
             if not gone(self.active[i]):
                 i += 1
                 continue
+            done = self.active[i]
+            if self.prefix is not None and done.output.done and self._keepable(len(done.prompt)):
+                self._keep(i, (done.prompt + done.sampled)[: done.length])  # the next turn of a chat begins so
             last = len(self.active) - 1
             if i != last:
                 moved, cache = self.active[last], self.cache
@@ -343,9 +420,13 @@ class Engine:
                 self.active[i] = moved
             self.active.pop()
 
-    def _fail_all(self, message: str) -> None:
-        for job in self.active:
+    def _fail_all(self, message: str, admitted: list[Job]) -> None:
+        """End every running job, and those admitted but not yet running (a failed prefill), with an error. The
+        events go the way every event goes (`deliver` hands them to the server's event loop, thread-safely)."""
+        for job in [*self.active, *admitted]:
             if not job.output.done:
                 job.output.done = True
-                job.emit(Event(message, [], "error"))
+                self._outbox.append((job, Event(message, [], "error")))
         self.active.clear()
+        self._admitting = 0
+        self._flush()

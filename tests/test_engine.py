@@ -14,6 +14,7 @@ from qianwen.config import ModelConfig
 from qianwen.engine import Engine, Overloaded, Params
 from qianwen.generate import generate
 from qianwen.model import Transformer
+from qianwen.prefix_cache import PrefixCache
 
 
 @pytest.fixture(scope="module")
@@ -179,5 +180,89 @@ def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(model, tok, monkeyp
         engine.submit(tok.encode("hello"), Params(max_tokens=5, temperature=0), 1, out(1))
         out.wait(2)
         assert out.finish[(1, 0)] in ("stop", "length") and engine.load["running"] == 0
+    finally:
+        engine.close()
+
+
+def _run_one(engine: Engine, prompt: list[int], params: Params, n: int = 1) -> tuple[list, Collector]:
+    out = Collector()
+    tag = object()
+    jobs = engine.submit(prompt, params, n, out(tag))
+    out.wait(n)
+    return jobs, out
+
+
+def test_a_cached_prompt_skips_its_prefill_and_a_chat_s_next_turn_prefills_only_its_new_tokens(model, tok, monkeypatch):
+    """The prefix cache: a repeated prompt joins a decoding step with its last token and no prefill pass; the next
+    turn of a chat (the prompt, the reply the engine kept, a new message) prefills only the new message; a prompt
+    past the training length (where dynamic NTK sets the rotary base from the prompt's length) is never reused.
+    Every reply is the one `generate` gives the prompt alone."""
+    passes = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a: passes.append(ids.shape) or real(ids, *a))
+    greedy = Params(max_tokens=8, temperature=0, logit_bias=tuple((i, -100.0) for i in tok.chat_stop_ids))
+    prompt = tok.encode("Q: lorem ipsum dolor sit amet, consectetur adipiscing")
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        (first,), out1 = _run_one(engine, prompt, greedy)
+        assert passes == [(1, len(prompt))]
+        _, out2 = _run_one(engine, prompt, greedy, n=2)  # both choices from the cache
+        assert passes == [(1, len(prompt))] and engine.load["prefix_cache_hits"] == 1
+        alone = generate(model, tok, prompt, 8, stop_ids=[])
+        assert [*out1.text.values(), *out2.text.values()] == [alone.text] * 3
+
+        fed = prompt + first.sampled[:-1]  # what the finished row holds: the prompt and the reply but its last id
+        turn = fed + tok.encode(" sed do eiusmod")
+        assert len(fed) >= 16 and 2 * len(fed) >= len(turn) and len(turn) <= model.config.seq_length
+        _, out3 = _run_one(engine, turn, greedy)
+        assert passes[-1] == (1, len(turn) - len(fed))
+        assert engine.load["prefix_cache_reused_tokens"] == (len(prompt) - 1) + len(fed)
+        assert list(out3.text.values()) == [generate(model, tok, turn, 8, stop_ids=[]).text]
+
+        long = tok.encode("Q: " + "lorem ipsum dolor " * 12)
+        assert len(long) > model.config.seq_length
+        for _ in range(2):
+            _run_one(engine, long, greedy)
+            assert passes[-1] == (1, len(long))
+    finally:
+        engine.close()
+
+
+def test_the_prefix_cache_keeps_whole_sequences_within_its_budget():
+    def kv(n: int) -> torch.Tensor:
+        return torch.zeros(1, 1, n, 4)  # 16 bytes a token, keys and values 32
+
+    cache = PrefixCache(budget_bytes=32 * 10)
+    cache.add([1, 2, 3], kv(3), kv(3))
+    cache.add([1, 2, 3, 4, 5], kv(5), kv(5))  # begins with the first: the first goes
+    assert [e.tokens.tolist() for e in cache.entries.values()] == [[1, 2, 3, 4, 5]] and cache.used == 32 * 5
+    cache.add([1, 2], kv(2), kv(2))  # an entry begins with it: nothing new
+    assert cache.used == 32 * 5
+    assert cache.match([1, 2, 3, 9])[0] == 3 and cache.match([7, 2])[0] == 0
+    cache.add([6, 7, 8, 9], kv(4), kv(4))
+    cache.match([1, 2])  # used last, so kept when the budget is full
+    cache.add([9, 9, 9], kv(3), kv(3))
+    assert [e.tokens.tolist() for e in cache.entries.values()] == [[1, 2, 3, 4, 5], [9, 9, 9]]
+    assert cache.used <= cache.budget
+    cache.add(list(range(20)), kv(20), kv(20))  # larger than the whole budget: not kept
+    assert cache.match(list(range(20)))[0] == 0
+
+
+def test_a_failing_prefill_ends_its_requests_with_an_error(model, tok, monkeypatch):
+    real = model.hidden_states
+    failures = [RuntimeError("boom")]
+
+    def fails_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", fails_once)
+    engine = Engine(model, tok, max_batch=2, prefix_cache_bytes=0)
+    try:
+        _, out = _run_one(engine, tok.encode("hello there"), Params(max_tokens=5, temperature=0))
+        assert list(out.finish.values()) == ["error"] and "boom" in next(iter(out.text.values()))
+        _, out = _run_one(engine, tok.encode("hello there"), Params(max_tokens=5, temperature=0))
+        assert next(iter(out.finish.values())) in ("stop", "length") and engine.load["running"] == 0
     finally:
         engine.close()

@@ -51,8 +51,9 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     max_len: int | None = None,
+    prefix_cache_bytes: int | None = None,
 ) -> FastAPI:
-    engine = Engine(model, tokenizer, max_batch, max_queue, max_len)
+    engine = Engine(model, tokenizer, max_batch, max_queue, max_len, prefix_cache_bytes=prefix_cache_bytes)
     created = int(time.time())
 
     @asynccontextmanager
