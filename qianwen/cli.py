@@ -17,7 +17,7 @@ import torch
 
 import qianwen
 from qianwen.generate import Sampling
-from qianwen.tokenizer import DEFAULT_SYSTEM
+from qianwen.tokenizer import DEFAULT_SYSTEM, Tokenizer
 
 DTYPES = {"auto": None, "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.tiktoken", "*.txt"]
@@ -270,20 +270,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from qianwen.serve.app import create_app
 
-    model, tok = _load(args)
-    # The decoding thread and the event loop hand the GIL to each other once per token; Python's default 5 ms
-    # switch interval would add up to that much to every streamed token.
-    sys.setswitchinterval(0.0002)
     name = args.served_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("QIANWEN_API_KEY")
     prefix_bytes = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 2**20)
-    app = create_app(model, tok, name, api_key, args.max_batch, args.max_queue, args.max_model_len, prefix_bytes)
+    sizes = (args.max_batch, args.max_queue, args.max_model_len, prefix_bytes)
+    if args.engine == "process":
+        from qianwen.engine_process import EngineProcess, ModelSource
+
+        tok = Tokenizer.from_file(args.model)
+        source = ModelSource(args.model, DTYPES[args.dtype], _device(args.device))
+        app = create_app(None, tok, name, api_key, engine=EngineProcess(source, *sizes))
+    else:
+        model, tok = _load(args)
+        # The decoding thread and the event loop hand the GIL to each other once per token; Python's default 5 ms
+        # switch interval would add up to that much to every streamed token.
+        sys.setswitchinterval(0.0002)
+        app = create_app(model, tok, name, api_key, *sizes)
     where = f"http://{args.host}:{args.port}"
     engine = app.state.engine
     print(
         f"serving {name!r} at {where}: chat page {where}/, OpenAI API {where}/v1; {engine.max_batch} rows of "
         f"{engine.max_len} tokens in the KV cache ({engine.cache_bytes / 2**30:.2f} GiB), "
-        + (f"{engine.prefix.budget / 2**20:.0f} MiB of prefix cache" if engine.prefix else "no prefix cache"),
+        + (f"{engine.prefix_budget / 2**20:.0f} MiB of prefix cache" if engine.prefix_budget else "no prefix cache")
+        + f", decoding in {'a process' if args.engine == 'process' else 'a thread'} of its own",
         file=sys.stderr,
         flush=True,
     )
@@ -611,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="keys and values of past prompts and replies kept for prompts that begin with them "
         "(default: a quarter of the KV cache; 0: off)",
+    )
+    p.add_argument(
+        "--engine",
+        default="process",
+        choices=["process", "thread"],
+        help="decode in a process of its own (default: the HTTP server's work never waits on it for Python's GIL) "
+        "or in a thread of the server's",
     )
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -83,11 +83,24 @@ class Job:
         self.length = 0  # tokens in the cache row
         self.next_token = -1  # sampled (or the prompt's last token when its prefill was cached), not yet fed
         self.sampled: list[int] = []  # every id picked, stop ids included
+        self.tag = None  # the submitter's label (the engine process's request id)
         self.cancelled = False
 
     def cancel(self) -> None:
         """Called from any thread: the engine drops the job before its next step."""
         self.cancelled = True
+
+    @property
+    def generated(self) -> int:
+        """Tokens of the reply so far."""
+        return len(self.output.ids)
+
+
+def check_request(prompt: Sequence[int], params: Params, n: int, max_batch: int, max_len: int) -> None:
+    if not 1 <= n <= max_batch:
+        raise ValueError(f"n must be between 1 and the server's --max-batch {max_batch}, got {n}.")
+    if not prompt or len(prompt) + params.max_tokens > max_len:
+        raise ValueError(f"a {len(prompt)}-token prompt and max_tokens {params.max_tokens} do not fit {max_len}.")
 
 
 class Engine:
@@ -140,17 +153,20 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="qianwen-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], params: Params, n: int, emit: Callable[[Job, Event], None]) -> list[Job]:
-        """Queue `n` choices for one prompt; `emit(job, event)` receives each step's output."""
-        if not 1 <= n <= self.max_batch:
-            raise ValueError(f"n must be between 1 and the server's --max-batch {self.max_batch}, got {n}.")
-        if not prompt or len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(
-                f"a {len(prompt)}-token prompt and max_tokens {params.max_tokens} do not fit {self.max_len}."
-            )
+    @property
+    def prefix_budget(self) -> int:
+        return self.prefix.budget if self.prefix else 0
+
+    def submit(
+        self, prompt: Sequence[int], params: Params, n: int, emit: Callable[[Job, Event], None], tags=None
+    ) -> list[Job]:
+        """Queue `n` choices for one prompt; `emit(job, event)` receives each step's output. `tags`, one per
+        choice, become the jobs' `tag` before the engine can see them."""
+        check_request(prompt, params, n, self.max_batch, self.max_len)
         jobs = [Job(list(prompt), params, i, self.tokenizer, self.stop_ids, None) for i in range(n)]
-        for job in jobs:
+        for job, tag in zip(jobs, tags or [None] * n, strict=True):
             job.emit = lambda event, job=job: emit(job, event)
+            job.tag = tag
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down.")

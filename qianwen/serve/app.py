@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qianwen.engine import Engine, Event, Job, Overloaded, Params
+from qianwen.engine_process import EngineProcess
 from qianwen.model import Transformer
 from qianwen.serve.chat import ToolStream, interpret, render
 from qianwen.serve.protocol import APIError, ChatRequest, CompletionRequest, parse_body
@@ -44,7 +45,7 @@ class Choice:
 
 
 def create_app(
-    model: Transformer,
+    model: Transformer | None,
     tokenizer: Tokenizer,
     name: str,
     api_key: str | None = None,
@@ -52,8 +53,12 @@ def create_app(
     max_queue: int = 64,
     max_len: int | None = None,
     prefix_cache_bytes: int | None = None,
+    engine: Engine | EngineProcess | None = None,
 ) -> FastAPI:
-    engine = Engine(model, tokenizer, max_batch, max_queue, max_len, prefix_cache_bytes=prefix_cache_bytes)
+    """The server. It decodes with `engine` when given (an `EngineProcess`, which owns its own model; the sizes
+    are then the engine's), else with a thread engine over `model`."""
+    if engine is None:
+        engine = Engine(model, tokenizer, max_batch, max_queue, max_len, prefix_cache_bytes=prefix_cache_bytes)
     created = int(time.time())
 
     @asynccontextmanager
@@ -323,7 +328,7 @@ def _text_choice(index: int, text: str, logprobs=None, finish=None) -> dict:
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(len(c.job.output.ids) for c in choices)
+    completion = sum(c.job.generated for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
