@@ -8,7 +8,7 @@ clients share the machine's cores, so fewer torch threads can be faster); transf
 and with --continuous-batching. Goals: >= 2x transformers at 16 clients, and our 16-client aggregate >= 4x our
 single-client rate.
 
-    python -m benchmarks.bench_serve [--model tiny-10m] [--max-tokens 64] [--requests 2] [--threads 1,2]
+    python -m benchmarks.bench_serve [--model tiny-10m] [--max-tokens 64] [--requests 2] [--threads 1,2] [--rounds 1]
         [--dtype auto|bf16] [--name serve]
 """
 
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every server and keep each one's fastest round")
     parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="torch thread counts to try")
     parser.add_argument("--servers", default="qianwen,transformers,transformers-cb")
     parser.add_argument("--device", default="cpu", help="where both servers run the model (cpu, cuda)")
@@ -183,9 +184,13 @@ def main() -> None:
         }  # fmt: skip
         rows = []
         # On a small machine the clients share the cores: each server runs with each thread count, and its best
-        # counts.
+        # counts. The host's speed drifts within minutes, so with --rounds the whole sequence repeats and each
+        # (server, threads, clients) keeps its fastest round.
         for threads, name in [
-            (int(t), n) for t in dict.fromkeys(args.threads.split(",")) for n in args.servers.split(",")
+            (int(t), n)
+            for _ in range(args.rounds)
+            for t in dict.fromkeys(args.threads.split(","))
+            for n in args.servers.split(",")
         ]:
             command, url, served = servers[name]
             log = workdir / f"{name}.log"
@@ -207,6 +212,12 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    best_rounds: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["server"], r["threads"], r["clients"])
+        if key not in best_rounds or r["tokens_per_s"] > best_rounds[key]["tokens_per_s"]:
+            best_rounds[key] = r
+    rows = list(best_rounds.values())
     top = max(levels)
 
     def best(server: str, clients: int) -> dict:
@@ -225,7 +236,8 @@ def main() -> None:
     command = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
     notes = (
         f"{args.model} with random weights and an 8,192-id vocabulary, {args.dtype} weights; greedy, "
-        f"{args.max_tokens} tokens per reply, {args.requests} requests per client; at {top} clients, each server at its best thread count, qianwen "
+        f"{args.max_tokens} tokens per reply, {args.requests} requests per client, the fastest of {args.rounds} "
+        f"round(s); at {top} clients, each server at its best thread count, qianwen "
         f"({ours['threads']} thread(s)) {ratio:.2f}x the faster peer mode ({peer['server']}, {peer['threads']} "
         f"thread(s)); our {top}-client rate {scaling:.2f}x our single-client rate at the same thread count."
     )

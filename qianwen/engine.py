@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import secrets
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class Engine:
         self.deliver = deliver
         self._outbox: list[tuple[Job, Event]] = []
         self.steps = self.generated = self.cancelled = 0  # decoding steps, tokens sampled, jobs dropped unfinished
+        self.busy_seconds = 0.0  # in prefills and decoding steps
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qianwen-engine", daemon=True)
@@ -187,6 +189,7 @@ class Engine:
             "waiting": sum(map(len, self.waiting)),
             "max_batch": self.max_batch,
             "steps": self.steps,
+            "busy_seconds": round(self.busy_seconds, 3),
             "generated_tokens": self.generated,
             "cancelled": self.cancelled,
             "prefix_cache_hits": self.prefix.hits if self.prefix else 0,
@@ -214,6 +217,7 @@ class Engine:
                 ):
                     admitted.append(self.waiting.popleft())
                 self._admitting = sum(map(len, admitted))
+            started = time.perf_counter()
             try:
                 self._drop_cancelled()
                 groups = []
@@ -236,6 +240,7 @@ class Engine:
                     self._prefill(chunk)
                 if self.active:
                     self._step()
+                self.busy_seconds += time.perf_counter() - started
                 self._flush()
             except Exception as exc:  # one failing batch must not take the server down
                 traceback.print_exc()
