@@ -135,7 +135,9 @@ def test_nucleus_from_sorted_values_equals_the_sort_and_scatter_reference():
     for scale in (0.1, 1.0, 4.0, 12.0):
         logits = torch.randn(16, 4096, generator=gen) * scale
         for top_p in (0.1, 0.9, 0.999):
-            assert torch.equal(filter_logits(logits, Sampling(temperature=1.0, top_p=top_p)), by_torch_sort(logits, top_p))
+            assert torch.equal(
+                filter_logits(logits, Sampling(temperature=1.0, top_p=top_p)), by_torch_sort(logits, top_p)
+            )
     # A tie at the floor keeps every tied token (a sort would keep those it happened to rank first).
     tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])
     kept = filter_logits(tied, Sampling(temperature=1.0, top_p=0.8))
