@@ -169,17 +169,17 @@ def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads,
     except Exception as exc:  # the server prints it as one sentence and exits
         events.send({"error": str(exc)})
         return
-    jobs = {}
-    send = threading.Lock()
+    jobs = {}  # request id -> running or queued job, for cancellations
+    registry = threading.Lock()  # a job may finish before its submission has registered it
 
     def deliver(batch) -> None:
         rows = []
-        for job, event in batch:
-            rows.append((job.tag, event.text, event.logprobs, event.finish_reason, job.generated))
-            if event.finish_reason:
-                jobs.pop(job.tag, None)
-        with send:
-            events.send((rows, engine.load))
+        with registry:
+            for job, event in batch:
+                rows.append((job.tag, event.text, event.logprobs, event.finish_reason, job.generated))
+                if event.finish_reason:
+                    jobs.pop(job.tag, None)
+        events.send((rows, engine.load))
 
     engine.deliver = deliver
     prefix = engine.prefix.budget if engine.prefix else 0
@@ -192,10 +192,12 @@ def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads,
                 break
             if message[0] == "submit":
                 _, rids, prompt, params = message
-                for job in engine.submit(prompt, params, len(rids), lambda job, event: None, tags=rids):
-                    jobs[job.tag] = job
+                with registry:
+                    for job in engine.submit(prompt, params, len(rids), lambda job, event: None, tags=rids):
+                        jobs[job.tag] = job
             elif message[0] == "cancel":
-                job = jobs.pop(message[1], None)
+                with registry:
+                    job = jobs.pop(message[1], None)
                 if job is not None:
                     job.cancel()
             elif message[0] == "close":
