@@ -97,6 +97,17 @@ class Job:
         return len(self.output.ids)
 
 
+def hand_over(deliver: Callable | None, events: list) -> None:
+    """A step's (job, event) pairs to `deliver` in one call, or else to each job's `emit`."""
+    if not events:
+        return
+    if deliver is not None:
+        deliver(events)
+    else:
+        for job, event in events:
+            job.emit(event)
+
+
 def check_request(prompt: Sequence[int], params: Params, n: int, max_batch: int, max_len: int) -> None:
     if not 1 <= n <= max_batch:
         raise ValueError(f"n must be between 1 and the server's --max-batch {max_batch}, got {n}.")
@@ -400,13 +411,7 @@ class Engine:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        if not outbox:
-            return
-        if self.deliver is not None:
-            self.deliver(outbox)
-        else:
-            for job, event in outbox:
-                job.emit(event)
+        hand_over(self.deliver, outbox)
 
     def _drop_finished(self) -> None:
         self._remove(self._gone)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from qianwen.engine import Event, Overloaded, Params, check_request
+from qianwen.engine import Event, Overloaded, Params, check_request, hand_over
 
 
 @dataclass
@@ -140,21 +140,14 @@ class EngineProcess:
                     if finish:
                         del self._jobs[rid]
                     out.append((job, Event(text, logprobs, finish)))
-            self._hand_over(out)
+            hand_over(self.deliver, out)
         with self._lock:
             left, self._jobs = list(self._jobs.values()), {}
         if left and not self._closing:
             code = self._process.exitcode
-            self._hand_over([(job, Event(f"the engine process exited (code {code}).", [], "error")) for job in left])
-
-    def _hand_over(self, events: list[tuple[RemoteJob, Event]]) -> None:
-        if not events:
-            return
-        if self.deliver is not None:
-            self.deliver(events)
-        else:
-            for job, event in events:
-                job.emit(event)
+            hand_over(
+                self.deliver, [(job, Event(f"the engine process exited (code {code}).", [], "error")) for job in left]
+            )
 
 
 def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads, commands, events) -> None:
