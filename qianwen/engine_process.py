@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,8 @@ def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads,
     import qianwen
     from qianwen.engine import Engine
 
+    # Ctrl-C reaches every process of the terminal's group: the server shuts the engine down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         model, tokenizer = qianwen.load(source.path, dtype=source.dtype, device=source.device)
