@@ -338,6 +338,16 @@ def test_serve_command(chat_model):
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["model"] == "model" and health["status"] == "ok"  # served under the directory's name
         assert "<title>qianwen chat</title>" in httpx.get(f"http://127.0.0.1:{port}/").text
+        # The command decodes in a process of its own: a streamed reply, then the same prompt from the prefix cache.
+        remote = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        for _ in range(2):
+            chunks = list(
+                remote.chat.completions.create(
+                    model="model", messages=[{"role": "user", "content": HELLO}], temperature=0, stream=True
+                )
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == HELLO_REPLY
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["prefix_cache_hits"] == 1
     finally:
         server.terminate()
         err = server.communicate(timeout=30)[1]
