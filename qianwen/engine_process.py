@@ -69,8 +69,12 @@ class EngineProcess:
         events_out.close()
         if not self._events.poll(start_timeout):
             self._process.kill()
-            raise RuntimeError(f"the engine process did not start within {start_timeout:.0f} s.")
-        hello = self._events.recv()
+            raise ValueError(f"the engine process did not start within {start_timeout:.0f} s.")
+        try:
+            hello = self._events.recv()
+        except (EOFError, OSError):
+            self._process.join(timeout=30)
+            raise ValueError(f"the engine process exited while starting (code {self._process.exitcode}).") from None
         if "error" in hello:
             self._process.join(timeout=30)
             raise ValueError(hello["error"])
@@ -145,6 +149,7 @@ class EngineProcess:
         with self._lock:
             left, self._jobs = list(self._jobs.values()), {}
         if left and not self._closing:
+            self._process.join(timeout=5)
             code = self._process.exitcode
             hand_over(
                 self.deliver, [(job, Event(f"the engine process exited (code {code}).", [], "error")) for job in left]
