@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         metavar="MB",
         help="keys and values of past prompts and replies kept for prompts that begin with them "
-        "(default: a quarter of the KV cache; 0: off)",
+        "(default: a quarter of the KV cache, on a GPU at most half its free memory; 0: off)",
     )
     p.add_argument(
         "--engine",

@@ -131,7 +131,8 @@ class Engine:
     ):
         """`deliver`, when given, receives each step's events in one call (from the engine's thread), e.g. to hand
         them to an event loop at once; without it, each job's `emit` is called for its own events.
-        `prefix_cache_bytes`: the prefix cache's budget (None: a quarter of the KV cache's size; 0: none)."""
+        `prefix_cache_bytes`: the prefix cache's budget (None: a quarter of the KV cache's size, on a GPU at most
+        half of its memory left free by the cache; 0: none)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -153,6 +154,9 @@ class Engine:
             self.cache.alpha = torch.ones(max_batch, device=self.cache.k.device)
         self.device = self.cache.k.device
         budget = self.cache_bytes // 4 if prefix_cache_bytes is None else prefix_cache_bytes
+        if prefix_cache_bytes is None and self.device.type == "cuda":
+            # The entries are allocated as they come: by default they may take half of what the cache left free.
+            budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 2)
         self.prefix = PrefixCache(budget) if budget > 0 else None
         self.active: list[Job] = []  # job i owns cache row i
         self._admitting = 0  # jobs taken off the queue and not yet in `active`
