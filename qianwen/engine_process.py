@@ -183,8 +183,8 @@ def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads,
         events.send((rows, engine.load))
 
     engine.deliver = deliver
-    prefix = engine.prefix.budget if engine.prefix else 0
-    events.send({"max_len": engine.max_len, "cache_bytes": engine.cache_bytes, "prefix": prefix, "load": engine.load})
+    sizes = {"max_len": engine.max_len, "cache_bytes": engine.cache_bytes, "prefix": engine.prefix_budget}
+    events.send({**sizes, "load": engine.load})
     try:
         while True:
             try:

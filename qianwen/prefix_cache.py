@@ -73,7 +73,3 @@ class PrefixCache:
 
     def _drop(self, key: int) -> None:
         self.used -= self.entries.pop(key).nbytes
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.tokens) for e in self.entries.values())
