@@ -254,6 +254,14 @@ class _Context(_Spans):
             raise ValueError(f"the KV cache holds {cache.max_len} tokens but this step needs {end}.")
         inference = not model.training
 
+        # A [B, T, T] mask lays out a tree of sequences that share prefixes (a prompt and its replies) in one row:
+        # each token sees exactly its ancestors, so its position is their count.
+        self.tree = None
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if cache is not None:
+                raise ValueError("a [batch, T, T] attention mask is for a forward pass without a KV cache.")
+            self.tree = attention_mask.to(device=device, dtype=torch.bool)
+            attention_mask = None
         new_valid = None
         if attention_mask is not None:
             new_valid = attention_mask.to(device=device, dtype=torch.bool)
@@ -274,8 +282,12 @@ class _Context(_Spans):
         if padded:
             steps = new_valid.long().cumsum(1) - 1 if new_valid is not None else torch.arange(T, device=device)
             positions = (seen[:, None] + steps).clamp(min=0) if cache is not None else steps.clamp(min=0)
+        if self.tree is not None:
+            positions = self.tree.long().sum(-1) - 1
         if cache is not None or (inference and config.use_dynamic_ntk):
             counts = new_valid.long().sum(1) if new_valid is not None else torch.full((B,), T, device=device)
+            if self.tree is not None:  # the branches share their prefix's keys, so they share the longest's base
+                counts = positions.max(1).values + 1
             total = seen + counts
 
         # Dynamic NTK: alpha from each row's true length at prefill, then kept.
@@ -313,6 +325,12 @@ class _Context(_Spans):
         return self._masks[window]
 
     def _build_mask(self, window: int | None) -> torch.Tensor | None:
+        if self.tree is not None:
+            allowed = self.tree
+            if window is not None:
+                pos = self._positions
+                allowed = allowed & (pos[:, :, None] - pos[:, None, :] < window)
+            return allowed[:, None]
         needs_offset = self.T > 1 and self.start > 0
         if self.valid is None and window is None and not needs_offset:
             return None  # SDPA's own causal path (or no mask at all for one query)

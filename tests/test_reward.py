@@ -160,7 +160,8 @@ def test_a_held_out_file_scores_both_stages_whole_and_per_rejection_kind(base_di
 def test_batches_grouped_by_length_hold_every_pair_once_an_epoch_and_pad_less():
     rng = np.random.default_rng(0)
     lengths = rng.choice([20, 30, 400], size=203)  # short replies and a few long transcripts, as in tiny
-    rows = [[1] * int(n) for n in lengths for _ in (0, 1)]
+    # a prompt of all but the last 5 tokens, then two replies of 5 that differ
+    rows = [[1] * (int(n) - 5) + [side + 2] * 5 for n in lengths for side in (0, 1)]
     pairs = Pairs(rows, [""] * len(lengths), len(lengths), {}, [])
     train = [i for i in range(len(lengths)) if i % 10]
     batches = PairBatches(pairs, train, 8, pad_id=0, seed=5)
@@ -172,16 +173,71 @@ def test_batches_grouped_by_length_hold_every_pair_once_an_epoch_and_pad_less():
     assert batches.members(0) != batches.members(batches.per_epoch)  # a new order each epoch
 
     def padded(order: list[list[int]]) -> int:
-        return sum(len(b) * max(lengths[i] for i in b) for b in order)
+        return sum(len(b) * max(lengths[i] + 5 for i in b) for b in order)
 
     grouped = [batches.members(b) for b in range(batches.per_epoch)]
     plain = np.random.default_rng(1).permutation(train).tolist()
     assert padded(grouped) < 0.6 * padded([plain[i : i + 8] for i in range(0, len(plain), 8)])
-    ids, last = batches.get(3)
-    assert last.tolist() == [lengths[i] - 1 for i in batches.members(3) for _ in (0, 1)]
-    assert ids.shape == (2 * len(batches.members(3)), max(lengths[i] for i in batches.members(3)))
+    ids, last, mask = batches.get(3)
+    members = batches.members(3)
+    assert last.tolist() == [[lengths[i] - 1, lengths[i] + 4] for i in members]  # each row: prompt, chosen, rejected
+    assert ids.shape == (len(members), max(lengths[i] + 5 for i in members)) and mask.shape == (
+        *ids.shape,
+        ids.shape[1],
+    )
     in_order = [batches.members(b, shuffle=False) for b in range(batches.per_epoch)]
     assert [lengths[i] for b in in_order for i in b] == sorted(lengths[train])
+
+
+def test_a_pair_run_as_one_row_scores_and_trains_as_the_two_sequences_run_apart(base_dir):
+    """Shared prompt, replies of other lengths, a rejected reply that is the chosen one without its end (a prefix
+    of it), one the chosen reply is a prefix of, and a pair sharing nothing; padding in the batch."""
+    rm_model, _ = qianwen.load(base_dir, dtype=torch.float32)
+    from qianwen.train.reward import RewardModel
+
+    rm = RewardModel(rm_model.requires_grad_(True), seed=3).train()
+    prompt = [5, 6, 7, 8, 9, 10]
+    rows = [
+        *(prompt + [20, 21, 22], prompt + [30, 31]),
+        *(prompt + [40, 41, 42, 2], prompt + [40, 41, 42]),
+        *(prompt + [50], prompt + [50, 51, 52, 53]),
+        *([60, 61, 62], [70, 71, 72, 73, 74, 75, 76]),
+    ]
+    pairs = Pairs(rows, [""] * 4, 4, {}, [])
+    ids, last, mask = PairBatches(pairs, [0, 1, 2, 3], 4, pad_id=0, seed=0).get(0, shuffle=False)
+    assert ids.shape[0] == 4 and ids.shape[1] == max(
+        len(a) + len(b) - s for a, b, s in zip(rows[::2], rows[1::2], (6, 9, 7, 0))
+    )
+
+    def apart() -> torch.Tensor:
+        out = []
+        for row in rows:
+            out.append(rm(torch.tensor([row]), torch.tensor([len(row) - 1]), pairwise=False))
+        return torch.cat(out)
+
+    order = PairBatches(pairs, [0, 1, 2, 3], 4, pad_id=0, seed=0).members(0, shuffle=False)
+    together = rm(ids, last, pairwise=False, mask=mask)
+    expected = apart().view(4, 2)[order].flatten()
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+
+    rm.eval()  # inference: attention windows (by position, so a tree's branches keep theirs)
+    rm_model.config.attention_windows = [4, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rm(ids, last, pairwise=False, mask=mask), apart().view(4, 2)[order].flatten(), atol=1e-5, rtol=1e-5
+        )
+    rm_model.config.attention_windows = None
+    rm.train()
+
+    grads = []
+    for loss in (
+        lambda: rm(ids, last, mask=mask),
+        lambda: -torch.nn.functional.logsigmoid(apart()[0::2] - apart()[1::2]).mean(),
+    ):
+        rm.zero_grad()
+        loss().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in rm.parameters() if p is not rm_model.lm_head.weight]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
