@@ -379,20 +379,23 @@ def load_reward_model(directory: str | Path, device: str = "cpu") -> tuple[Rewar
 
 
 @torch.no_grad()
-def score_replies(rm: RewardModel, tokenizer: Tokenizer, records: list[dict], batch_size: int = 32) -> list[float]:
-    """The reward of each `{prompt | messages, reply, reply_ended}` record (its reply ended with <|im_end|>
-    unless `reply_ended` is false), as PPO reads it: the scalar head at the reply's last token."""
-    rows = [reply_ids(tokenizer, record, "reply") for record in records]
+def score_reply_pairs(
+    rm: RewardModel, tokenizer: Tokenizer, first: list[dict], second: list[dict], batch_size: int = 32
+) -> tuple[list[float], list[float]]:
+    """The rewards of two replies to each prompt, `{prompt | messages, reply, reply_ended}` records (a reply
+    ended with <|im_end|> unless `reply_ended` is false), as PPO reads them: the scalar head at the reply's last
+    token. Each prompt runs once for both replies (PairBatches' layout), in batches of similar length."""
+    rows = [reply_ids(tokenizer, record, "reply") for pair in zip(first, second, strict=True) for record in pair]
+    pairs = Pairs(rows, [""] * len(first), len(first), {}, [])
+    batches = PairBatches(pairs, list(range(len(first))), batch_size, tokenizer.pad_id, seed=0)
     device = rm.score.weight.device
-    scores: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        ids = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id, dtype=torch.long)
-        for r, row in enumerate(batch):
-            ids[r, : len(row)] = torch.tensor(row)
-        last = torch.tensor([len(row) - 1 for row in batch], device=device)
-        scores += rm(ids.to(device), last, pairwise=False).tolist()
-    return scores
+    scores = [(0.0, 0.0)] * len(first)
+    for b in range(batches.per_epoch):
+        ids, last, mask = (t.to(device) for t in batches.get(b, shuffle=False))
+        rewards = rm(ids, last, pairwise=False, mask=mask).view(-1, 2).tolist()
+        for i, reward in zip(batches.members(b, shuffle=False), rewards, strict=True):
+            scores[i] = tuple(reward)
+    return [a for a, _ in scores], [b for _, b in scores]
 
 
 def compare_replies(rm_dir: str | Path, samples: dict[str, dict[str, Path]], device: str = "cpu") -> dict:
@@ -411,13 +414,12 @@ def compare_replies(rm_dir: str | Path, samples: dict[str, dict[str, Path]], dev
         if [r["prompt"] for r in rows[first]] != [r["prompt"] for r in rows[second]]:
             result["skipped"][task] = "the two models were scored on different prompts (another limit or file)"
             continue
-        scores = {}
-        for model, records in rows.items():
-            replies = [
-                {"prompt": r["prompt"], "reply": r["reply"], "reply_ended": r.get("ended", True)} for r in records
-            ]
-            raw = np.array(score_replies(rm, tokenizer, replies))
-            scores[model] = (raw - stats["mean"]) / max(stats["std"], 1e-6)
+        replies = {
+            model: [{"prompt": r["prompt"], "reply": r["reply"], "reply_ended": r.get("ended", True)} for r in records]
+            for model, records in rows.items()
+        }
+        raw = score_reply_pairs(rm, tokenizer, replies[first], replies[second])
+        scores = {m: (np.array(r) - stats["mean"]) / max(stats["std"], 1e-6) for m, r in zip((first, second), raw)}
         differ = np.array([a["reply"] != b["reply"] for a, b in zip(rows[first], rows[second])], dtype=bool)
         result["tasks"][task] = {
             "prompts": len(differ),
