@@ -93,6 +93,29 @@ def compiled_step(model: Transformer):
     return model._compiled_step
 
 
+MIN_SHARED_PREFIX = 32  # tokens; below this a pass of its own costs about what it saves
+
+
+def shared_prefix(model: Transformer, prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt of a batch has in common and can prefill once for all (few-shot
+    examples, a system prompt, the ReAct instructions): 0 below MIN_SHARED_PREFIX, and 0 where that would not be
+    the same computation: windows count cache slots, which the rows' padding after the prefix would stretch, and
+    dynamic NTK sets a row's rotary base from its whole prompt. At least one token of each row is left for the
+    pass that gives its first logits."""
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if len(prompts) < 2 or config.attention_windows or (config.use_dynamic_ntk and longest > config.seq_length):
+        return 0
+    first = np.asarray(prompts[0])
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        differ = np.flatnonzero(np.asarray(p[:n]) != first[:n])
+        n = int(differ[0]) if len(differ) else n
+        if n < MIN_SHARED_PREFIX:
+            return 0
+    return n
+
+
 def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if prompt_len + max_new_tokens > limit:
@@ -120,20 +143,23 @@ def token_steps(
     With `compile`, decoding steps run through torch.compile (CUDA graphs on a GPU).
     A caller may `send` which rows have stopped (one bool per row): once a quarter
     of the rows still decoding have, the cache keeps only the others, so finished
-    rows stop costing a step (their ids are `pad_id` from then on)."""
+    rows stop costing a step (their ids are `pad_id` from then on). A prefix
+    every prompt shares (`shared_prefix`) is prefilled once, and the rows'
+    padding goes after it."""
     sampling = sampling or Sampling()
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    longest = max(len(p) for p in prompts)
     for p in prompts:
         check_length(model, len(p), max_new_tokens)
     device = model.embed.weight.device
     B = len(prompts)
+    shared = shared_prefix(model, prompts) if use_cache else 0
+    longest = max(len(p) for p in prompts) - shared
     ids = torch.full((B, longest), pad_id, dtype=torch.long)
     mask = torch.zeros((B, longest), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[row, longest - len(p) :] = 1
+        ids[row, longest - len(p) + shared :] = torch.tensor(p[shared:], dtype=torch.long)
+        mask[row, longest - len(p) + shared :] = 1
     ids, mask = ids.to(device), mask.to(device)
     if bool(mask.all()):
         mask = None
@@ -144,8 +170,16 @@ def token_steps(
     if sampling.repetition_penalty != 1:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool() if mask is not None else True)
+        if shared:
+            seen[:, torch.tensor(prompts[0][:shared], device=device)] = True
 
-    cache = model.new_cache(B, longest + max_new_tokens) if use_cache else None
+    cache = None
+    if use_cache and shared:
+        cache = model.new_cache(1, shared + longest + max_new_tokens)
+        model.hidden_states(torch.tensor([prompts[0][:shared]], device=device), cache=cache)
+        cache = cache.select(torch.zeros(B, dtype=torch.long, device=device))
+    elif use_cache:
+        cache = model.new_cache(B, longest + max_new_tokens)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
     decode = compiled_step(model) if compile and use_cache else None
     if decode is not None:

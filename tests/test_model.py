@@ -5,7 +5,9 @@ long-context formulas."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -164,6 +166,42 @@ def test_left_padded_batch_equals_each_prompt_alone():
     batch = qianwen.generate(model, None, prompts, 12, stop_ids=[])
     for prompt, completion in zip(prompts, batch):
         assert completion.token_ids == qianwen.generate(model, None, prompt, 12, stop_ids=[]).token_ids
+
+
+def test_a_prefix_every_prompt_shares_is_prefilled_once_and_the_rows_decode_as_alone(monkeypatch):
+    from qianwen.generate import MIN_SHARED_PREFIX
+
+    model = random_model(CONFIGS["gqa"], seed=4)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(1, 1000, MIN_SHARED_PREFIX + 8).tolist()  # few-shot examples, a system prompt
+    tails = [[5], [9, 8, 7, 6, 5, 4, 3], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    prompts = [prefix + t for t in tails] + [prefix[:-3]]  # one row is the prefix short of its last tokens
+    fed = []
+    model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape))
+    batch = qianwen.generate(model, None, prompts, 12, stop_ids=[])
+    assert fed[:2] == [(1, len(prefix) - 4), (5, 11 + 4)]  # the prefix once, then each row's rest
+    for prompt, completion in zip(prompts, batch):
+        assert completion.token_ids == qianwen.generate(model, None, prompt, 12, stop_ids=[]).token_ids
+    # sampled, with a repetition penalty: the same draws as the batch laid out without sharing
+    sampled = qianwen.generate(model, None, prompts, 12, stop_ids=[], temperature=1.0, seed=3, repetition_penalty=1.3)
+    monkeypatch.setattr(sys.modules["qianwen.generate"], "MIN_SHARED_PREFIX", 10_000)
+    fed.clear()
+    unshared = qianwen.generate(model, None, prompts, 12, stop_ids=[], temperature=1.0, seed=3, repetition_penalty=1.3)
+    assert fed[0] == (5, len(prefix) + 11)
+    assert [c.token_ids for c in sampled] == [c.token_ids for c in unshared]
+
+
+def test_no_prefix_is_shared_where_dynamic_ntk_or_windows_make_a_row_s_keys_its_own():
+    from qianwen.generate import MIN_SHARED_PREFIX, shared_prefix
+
+    prompts = [[1] * 40 + [2], [1] * 40 + [3, 4]]
+    model = random_model(CONFIGS["gqa"], seed=4)
+    assert shared_prefix(model, prompts) == 40 >= MIN_SHARED_PREFIX
+    assert shared_prefix(model, [p[:20] for p in prompts]) == 0  # too short to pay for a pass
+    model.config = dataclasses.replace(model.config, use_dynamic_ntk=True, seq_length=41)
+    assert shared_prefix(model, prompts) == 0  # the second prompt's rotary base is past the training length's
+    model.config = dataclasses.replace(model.config, seq_length=64, attention_windows=[16, 16, 16])
+    assert shared_prefix(model, prompts) == 0
 
 
 def test_rows_that_stop_leave_the_batch_and_the_rest_decode_as_alone(monkeypatch):
