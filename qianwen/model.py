@@ -443,7 +443,9 @@ class Transformer(nn.Module):
         return table
 
     def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] (what the output head reads)."""
+        """Final-norm hidden states [B, T, hidden] (what the output head reads). `attention_mask` is [B, T]
+        (1 for a real token, 0 for padding) or, without a cache, [B, T, T]: which tokens each one sees, for a
+        row that holds several sequences sharing a prefix (a prompt and its replies)."""
         ctx = _Context(self, input_ids, attention_mask, cache)
         x = self.embed(input_ids)
         x = F.dropout(x, self.config.dropout, self.training)
