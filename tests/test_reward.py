@@ -219,6 +219,11 @@ def test_a_pair_run_as_one_row_scores_and_trains_as_the_two_sequences_run_apart(
     together = rm(ids, last, pairwise=False, mask=mask)
     expected = apart().view(4, 2)[order].flatten()
     torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+    unshared = PairBatches(pairs, [0, 1, 2, 3], 4, pad_id=0, seed=0, share=False)  # rm.share_prompt=false
+    rows_ids, rows_last, no_mask = unshared.get(0, shuffle=False)
+    assert no_mask is None and rows_ids.shape == (8, 10)
+    in_order = apart().view(4, 2)[unshared.members(0, shuffle=False)].flatten()
+    torch.testing.assert_close(rm(rows_ids, rows_last, pairwise=False), in_order, atol=1e-5, rtol=1e-5)
 
     rm.eval()  # inference: attention windows (by position, so a tree's branches keep theirs)
     rm_model.config.attention_windows = [4, 3]
