@@ -102,7 +102,7 @@ def test_stacked_muon_updates_as_torch_muon_to_the_bit(nesterov):
         assert torch.equal(states[0][key]["momentum_buffer"], states[1][key]["momentum_buffer"])
 
 
-def test_auto_optimizer_is_muon_only_where_its_bf16_matmuls_are_native(monkeypatch):
+def test_auto_optimizer_is_muon_in_one_process_with_newton_schulz_in_bf16_only_where_it_is_native(monkeypatch):
     def runtime(device: str, world: int = 1) -> Runtime:
         return Runtime(rank=0, world=world, device=torch.device(device), mesh=None)
 
@@ -110,9 +110,29 @@ def test_auto_optimizer_is_muon_only_where_its_bf16_matmuls_are_native(monkeypat
     monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda: True)
     assert optimizer_name(auto, runtime("cpu")) == "muon" and optimizer_name(auto, runtime("cuda")) == "muon"
     assert optimizer_name(auto, runtime("cpu", world=2)) == "adamw"  # FSDP2 shards the matrices
+    assert loop.muon_ns_dtype(auto, runtime("cpu")) == torch.bfloat16 == loop.muon_ns_dtype(auto, runtime("cuda"))
     monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda: False)
-    assert optimizer_name(auto, runtime("cpu")) == "adamw"
-    assert optimizer_name(LoopConfig(optimizer="muon"), runtime("cpu")) == "muon"  # asked for, it is used
+    assert optimizer_name(auto, runtime("cpu")) == "muon"
+    assert loop.muon_ns_dtype(auto, runtime("cpu")) == torch.float32  # bf16 would be emulated, 2.4x a step
+    assert loop.muon_ns_dtype(LoopConfig(muon_ns_dtype="bf16"), runtime("cpu")) == torch.bfloat16
+    assert optimizer_name(LoopConfig(optimizer="adamw"), runtime("cpu")) == "adamw"  # asked for, it is used
+
+
+def test_newton_schulz_in_fp32_equals_a_float64_reference():
+    from qianwen.train.muon import orthogonalise
+
+    coefficients, steps = (3.4445, -4.775, 2.0315), 5
+    updates = torch.randn(3, 48, 20, generator=torch.Generator().manual_seed(0))
+    x = updates.double().mT  # the wide orientation
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(steps):
+        gram = x @ x.mT
+        a, b, c = coefficients
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    ours = orthogonalise(updates, coefficients, steps, 1e-7, torch.float32)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), x.mT, atol=1e-5, rtol=1e-5)
+    assert (orthogonalise(updates, coefficients, steps, 1e-7).float() - ours).abs().max() > 1e-4  # bf16 differs
 
 
 def test_override_values_read_as_toml():

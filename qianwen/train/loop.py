@@ -54,6 +54,7 @@ class LoopConfig:
     optimizer: str = "adamw"  # or "muon": Muon for the layers' matrices, AdamW (above) for the rest; or "auto"
     muon_lr: float = 0.02  # Muon's peak rate, on the same schedule as lr
     muon_momentum: float = 0.95
+    muon_ns_dtype: str = "auto"  # Newton-Schulz in bf16 where the hardware multiplies it (CUDA, AMX), else fp32
     grad_clip: float = 1.0
     grad_accum: int = 1
     seed: int = 0
@@ -80,6 +81,8 @@ class LoopConfig:
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}.")
         if self.optimizer not in ("adamw", "muon", "auto"):
             raise ValueError(f"optimizer must be adamw, muon or auto, got {self.optimizer!r}.")
+        if self.muon_ns_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"muon_ns_dtype must be auto, bf16 or fp32, got {self.muon_ns_dtype!r}.")
         if not self.muon_lr > 0:
             raise ValueError(f"muon_lr must be positive, got {self.muon_lr}.")
 
@@ -210,18 +213,32 @@ def autocast_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype | None:
 
 
 def optimizer_name(config: LoopConfig, runtime: Runtime) -> str:
-    """`auto`: Muon in one process on a GPU or an AMX CPU, else AdamW. Muon orthogonalises each update with
-    Newton-Schulz matmuls in bf16 (torch.optim.Muon's, batched by shape: qianwen/train/muon.py), about half a tiny-recipe step's FLOPs at its 1k-token
-    batches: 13% more time a step with AMX, 2.6x without it (benchmarks/ANALYSIS.md). Under FSDP2 those
-    matmuls run on sharded DTensors, which gather what each product needs: right (tests/test_pretrain.py), but
-    their cost across GPUs is unmeasured, so `auto` leaves several processes on AdamW."""
+    """`auto`: Muon in one process, AdamW in several. Muon orthogonalises each update with Newton-Schulz
+    matmuls (torch.optim.Muon's, batched by shape: qianwen/train/muon.py), about half a tiny-recipe step's FLOPs
+    at its 1k-token batches: 13% more time a step in bf16 with AMX; on a CPU without bf16 units, bf16 is
+    emulated (2.4x a fp32 AdamW step) and they run in fp32 instead (1.4x), which at the tiny recipe's budget
+    still pays: AdamW there learns neither the facts nor to copy numbers (benchmarks/ANALYSIS.md). Under FSDP2
+    those matmuls run on sharded DTensors, which gather what each product needs: right (tests/test_pretrain.py),
+    but their cost across GPUs is unmeasured, so `auto` leaves several processes on AdamW."""
     if config.optimizer != "auto":
         return config.optimizer
-    return "muon" if native_bf16(runtime) and runtime.world == 1 else "adamw"
+    return "muon" if runtime.world == 1 else "adamw"
+
+
+def muon_ns_dtype(config: LoopConfig, runtime: Runtime) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz products: bf16 where the hardware multiplies it, fp32 elsewhere (under
+    `auto`). Sharded parameters (torchrun) take torch.optim.Muon's own step, which is bf16."""
+    if config.muon_ns_dtype == "auto":
+        return torch.bfloat16 if native_bf16(runtime) else torch.float32
+    return torch.bfloat16 if config.muon_ns_dtype == "bf16" else torch.float32
 
 
 def make_optimizers(
-    module: nn.Module, config: LoopConfig, device: torch.device, name: str = "adamw"
+    module: nn.Module,
+    config: LoopConfig,
+    device: torch.device,
+    name: str = "adamw",
+    ns_dtype: torch.dtype = torch.bfloat16,
 ) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices (embeddings included) only, never on biases or norm gains; with
     `name = "muon"`, Muon takes the transformer layers' matrices and AdamW the embeddings, the output head,
@@ -254,6 +271,7 @@ def make_optimizers(
         lr=config.muon_lr,
         weight_decay=config.weight_decay / scale,
         momentum=config.muon_momentum,
+        ns_dtype=ns_dtype,
     )
     return [matrices, adamw]
 
@@ -305,7 +323,9 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics" / f"{stage.name}.jsonl"
         self.module = prepare(stage.module, config, runtime)
         self.optimizer_name = optimizer_name(config, runtime)
-        self.optimizers = make_optimizers(self.module, config, runtime.device, self.optimizer_name)
+        self.optimizers = make_optimizers(
+            self.module, config, runtime.device, self.optimizer_name, muon_ns_dtype(config, runtime)
+        )
         self.autocast = autocast_dtype(config, runtime)
         self.step = 0
         self.history: list[dict] = []

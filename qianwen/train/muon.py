@@ -17,11 +17,18 @@ from collections import defaultdict
 import torch
 
 
-def orthogonalise(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
-    """The quintic Newton-Schulz iteration of torch.optim.Muon on a stack [n, rows, cols] of matrices, in bf16:
-    each scaled to unit Frobenius norm, then iterated on its wide orientation (the smaller Gram matrix)."""
+def orthogonalise(
+    updates: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """The quintic Newton-Schulz iteration of torch.optim.Muon on a stack [n, rows, cols] of matrices, in bf16 as
+    torch's (or `dtype`): each scaled to unit Frobenius norm, then iterated on its wide orientation (the smaller
+    Gram matrix)."""
     a, b, c = coefficients
-    x = updates.bfloat16()
+    x = updates.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -33,6 +40,10 @@ def orthogonalise(updates: torch.Tensor, coefficients: tuple[float, float, float
 
 
 class StackedMuon(torch.optim.Muon):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype  # fp32 on a CPU without bf16 units, where bf16 products are emulated
+
     @torch.no_grad()
     def step(self, closure=None):
         groups = self.param_groups
@@ -63,6 +74,7 @@ class StackedMuon(torch.optim.Muon):
                     group["ns_coefficients"],
                     group["ns_steps"],
                     group["eps"],
+                    self.ns_dtype,
                 )
                 scaled_lr = lr * math.sqrt(max(1, shape[0] / shape[1]))  # torch's "original" adjustment
                 for i, o in zip(index, ortho):
