@@ -198,7 +198,11 @@ def test_no_prefix_is_shared_where_dynamic_ntk_or_windows_make_a_row_s_keys_its_
     model = random_model(CONFIGS["gqa"], seed=4)
     assert shared_prefix(model, prompts) == 40 >= MIN_SHARED_PREFIX
     assert shared_prefix(model, [p[:20] for p in prompts]) == 0  # too short to pay for a pass
-    model.config = dataclasses.replace(model.config, use_dynamic_ntk=True, seq_length=41)
+    model.config = dataclasses.replace(model.config, use_dynamic_ntk=True, seq_length=42)
+    assert shared_prefix(model, prompts) == 40  # within the training length every row keeps the trained base
+    batch = qianwen.generate(model, None, prompts, 8, stop_ids=[])
+    assert [c.token_ids for c in batch] == [qianwen.generate(model, None, p, 8, stop_ids=[]).token_ids for p in prompts]
+    model.config = dataclasses.replace(model.config, seq_length=41)
     assert shared_prefix(model, prompts) == 0  # the second prompt's rotary base is past the training length's
     model.config = dataclasses.replace(model.config, seq_length=64, attention_windows=[16, 16, 16])
     assert shared_prefix(model, prompts) == 0
