@@ -182,6 +182,40 @@ def main() -> None:
             + "\n\nThe same gradients on both sides; the last column is the largest difference between the two "
             "sides' parameters over the largest change the steps made (0: equal to the bit).\n"
         )
+    rm = load("rm")
+    if rm:
+        rows = [
+            [
+                r["preset"],
+                r["dtype"],
+                f"{r['batches']} x {r['pairs_per_batch']}",
+                f"{r['tokens_shared']:,} / {r['tokens_apart']:,}",
+                r["shared_ms_per_step"],
+                r["apart_ms_per_step"],
+                f"**{r['speed_ratio']}x**",
+                r["max_reward_difference"],
+            ]
+            for r in rm["rows"]
+        ]
+        parts.append(
+            "## Reward-model step: a pair's prompt run once (`rm.share_prompt`) vs chosen and rejected apart\n\n"
+            f"{env_line(rm)}\n\n"
+            + table(
+                [
+                    "preset",
+                    "dtype",
+                    "batches x pairs",
+                    "tokens shared / apart",
+                    "shared ms",
+                    "apart ms",
+                    "speed ratio",
+                    "max reward difference",
+                ],
+                rows,
+            )
+            + f"\n\nThe tiny recipe's clean pairs; prompts are {rm['rows'][0]['prompt_share_of_tokens']:.0%} of their "
+            "tokens. Apart is TRL RewardTrainer's layout and qianwen's before session 14.\n"
+        )
     data = load("data")
     if data:
         pipeline = [r for r in data["rows"] if r["kind"] == "pipeline"]

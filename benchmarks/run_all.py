@@ -19,6 +19,7 @@ RUNS = [
     ["benchmarks.bench_train"],
     ["benchmarks.bench_train", "--compile", "--name", "train_compiled"],
     ["benchmarks.bench_muon"],
+    ["benchmarks.bench_rm"],
     ["benchmarks.bench_model", "--only", "train", "decode", "prefill", "decode_compiled"],
     [
         "benchmarks.bench_model",
