@@ -72,30 +72,13 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-FEWSHOT_YAML = """\
-task: bench_gen_fewshot
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-    train: {shots}
-test_split: test
-fewshot_split: train
-num_fewshot: {fewshot}
-fewshot_config:
-  sampler: first_n
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
+# The 0-shot task with the same solved problems before every question, as GSM8K's fixed 8-shot prompt.
+FEWSHOT_YAML = (
+    GEN_YAML.replace("task: bench_gen\n", "task: bench_gen_fewshot\n")
+    .replace("    test: {data}\n", "    test: {data}\n    train: {shots}\n")
+    .replace("test_split: test\n", "test_split: test\nfewshot_split: train\nnum_fewshot: {fewshot}\n")
+    .replace("output_type:", "fewshot_config:\n  sampler: first_n\noutput_type:")
+)
 TASKS = {"bench_choice": "multiple_choice", "bench_gen": "generate_until", "bench_gen_fewshot": "generate_until"}
 
 
