@@ -96,6 +96,13 @@ def compiled_step(model: Transformer):
 MIN_SHARED_PREFIX = 32  # tokens; below this a pass of its own costs about what it saves
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many leading tokens two sequences share (at most `limit`)."""
+    n = min(len(a), len(b), limit if limit is not None else len(a))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
 def shared_prefix(model: Transformer, prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt of a batch has in common and can prefill once for all (few-shot
     examples, a system prompt, the ReAct instructions): 0 below MIN_SHARED_PREFIX, and 0 where that would not be
@@ -106,11 +113,9 @@ def shared_prefix(model: Transformer, prompts: Sequence[Sequence[int]]) -> int:
     longest = max(len(p) for p in prompts)
     if len(prompts) < 2 or config.attention_windows or (config.use_dynamic_ntk and longest > config.seq_length):
         return 0
-    first = np.asarray(prompts[0])
     n = min(len(p) for p in prompts) - 1
     for p in prompts[1:]:
-        differ = np.flatnonzero(np.asarray(p[:n]) != first[:n])
-        n = int(differ[0]) if len(differ) else n
+        n = common_prefix(prompts[0], p, n)
         if n < MIN_SHARED_PREFIX:
             return 0
     return n

@@ -25,6 +25,7 @@ from torch import nn
 
 import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
+from qianwen.generate import common_prefix
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, init_runtime, shutdown
@@ -140,15 +141,6 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int) -> Pairs
     return Pairs(rows, [kind for _, kind in read.items], read.lines, read.skipped, read.examples)
 
 
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    same = np.asarray(a[:n]) == np.asarray(b[:n])
-    return int(np.argmin(same))
-
-
 class PairBatches:
     """Batches of pairs, a pure function of (seed, batch index); one row per pair, right-padded.
 
@@ -174,7 +166,7 @@ class PairBatches:
         self.share = share
         self.per_epoch = math.ceil(len(indices) / batch_size)
         rows = pairs.rows
-        self._shared = {i: shared_prefix(rows[2 * i], rows[2 * i + 1]) if share else 0 for i in indices}
+        self._shared = {i: common_prefix(rows[2 * i], rows[2 * i + 1]) if share else 0 for i in indices}
         if share:
             self._length = {i: len(rows[2 * i]) + len(rows[2 * i + 1]) - self._shared[i] for i in indices}
         else:
