@@ -151,6 +151,17 @@ class Block(nn.Module):
 # KV cache and the per-forward context (positions, rotary tables, masks)
 
 
+def branch_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The [B, T, T] attention mask of rows that each hold a trunk and its branches (a prompt and its replies):
+    `segments` [B, T] is 0 on the trunk, b > 0 on branch b and -1 on padding. A token sees the trunk's tokens
+    and its own branch's up to itself; padding sees only itself, so no row of the mask is empty."""
+    q, k = segments[:, :, None], segments[:, None, :]
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=segments.device)
+    return causal & ((k == 0) | (k == q)) & (q >= 0) | ((q < 0) & eye)
+
+
 class KVCache:
     """Pre-allocated keys and values for every layer, in slot order.
 

@@ -17,6 +17,7 @@ from qianwen.cli import main
 from qianwen.config import ModelConfig
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.ppo import PPO, load_config, ppo
+from qianwen.train.ppo_rows import Layout
 from qianwen.train.reward import RewardModel, reward_export
 
 
@@ -94,6 +95,43 @@ def test_reusing_the_first_minibatch_forwards_changes_nothing(setup, monkeypatch
     y, _ = qianwen.load(setup / "apart" / "ppo")
     for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_prompts_replies_in_one_row_train_as_rows_of_their_own(setup):
+    """share_prompt lays each prompt's two replies out as branches of one row (the prompt run once): rewards,
+    KL, losses and the trained policy equal those of one row per reply (one minibatch per step, so both read the
+    replies in any order), to rounding; the shared rows hold fewer tokens."""
+    common = (f"reward_model={setup / 'rm'}", "steps=3", "value_warmup_steps=1", "dtype=fp32", "minibatch_size=16")
+    common += ("lr=3e-3", "value_lr=1e-3", "max_new_tokens=12")
+    shared = ppo(load_config(None, settings(setup, "shared", *common)))
+    apart = ppo(load_config(None, settings(setup, "rows", *common, "share_prompt=false")))
+    for a, b in zip(shared, apart, strict=True):
+        for key in ("reward", "kl", "response_length", "value_loss", "policy_loss", "clip_frac", "entropy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+    x, _ = qianwen.load(setup / "shared" / "ppo")
+    y, _ = qianwen.load(setup / "rows" / "ppo")
+    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_rows_read_each_reply_token_from_the_state_before_it():
+    replies = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [4, 5, 30, 31, 32], [4, 5, 40]]
+    layout = Layout.build(replies, [3, 3, 2, 2], 2, True, pad_id=0)
+    rows = layout.rows
+    assert rows.ids.tolist() == [[1, 2, 3, 10, 11, 20], [4, 5, 30, 31, 32, 40]]
+    assert rows.last.tolist() == [[4, 5], [4, 5]]
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    for n, (reply, p) in enumerate(zip(replies, [3, 3, 2, 2])):
+        mask[n, p - 1 : len(reply) - 1] = True
+    states = torch.arange(6)[None] + torch.tensor([[0], [100]])  # a state is its column, plus 100 in row 2
+    # reply 2 ([20]) is predicted from its prompt's last token (column 2), reply 4 ([40]) from column 1
+    assert rows.read(states, mask).tolist() == [2, 3, 2, 101, 102, 103, 101]
+    assert rows.tree[0, 5].tolist() == [True, True, True, False, False, True]
+    with pytest.raises(ValueError, match="whole prompts"):
+        layout.select(torch.tensor([1, 2]))
+    apart = Layout.build(replies, [3, 3, 2, 2], 2, False, pad_id=0)
+    assert apart.rows.tree is None and apart.rows.ids.shape == (4, 5)
 
 
 def test_ptx_reads_new_windows_for_every_policy_update(setup, monkeypatch):

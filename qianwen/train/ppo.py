@@ -61,6 +61,7 @@ from qianwen.train.loop import (
 )
 from qianwen.train.loss import CausalLM
 from qianwen.train.ppo_math import gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
+from qianwen.train.ppo_rows import Layout, Rows
 from qianwen.train.reward import RewardModel, load_reward_model
 from qianwen.util import atomic_write
 
@@ -77,6 +78,7 @@ class PPOConfig:
     steps: int = 100
     prompts_per_step: int = 8
     samples_per_prompt: int = 2
+    share_prompt: bool = True  # a prompt's replies read as branches of one row, the prompt run once (ppo_rows)
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 0.9
@@ -183,20 +185,24 @@ class Rollout:
     last: torch.Tensor  # [N] index in the targets of each reply's last token
     scores: torch.Tensor  # [N] raw reward
     ended: torch.Tensor  # [N] bool
+    layout: Layout  # what the models run to read the replies
 
 
 class PolicyScorer(CausalLM):
     """The policy (or the frozen reference) as one module whose forward FSDP2 can gather for: the
     log-probabilities of the reply tokens, or without a mask the pretraining loss (PPO-ptx)."""
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, entropy: bool = False):
-        """Log-probabilities of the target tokens [N, L-1] (0 off the reply), and their entropies if asked;
-        the logits are made only at reply positions. Without a mask, the mean next-token loss."""
+    def forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, entropy: bool = False, rows: Rows | None = None
+    ):
+        """Log-probabilities of the target tokens [N, L-1] of the replies' rows `tokens` (0 off the reply), read by
+        running `rows`, and their entropies if asked; the logits are made only at reply positions. Without a
+        mask, the mean next-token loss of `tokens`."""
         if mask is None:
             return super().forward(tokens)
-        hidden = self.model.hidden_states(tokens[:, :-1])
         where = mask.bool()
-        logp_all = F.log_softmax(self.model.lm_head(hidden[where]).float(), dim=-1)
+        hidden = rows.read(self.model.hidden_states(rows.ids, rows.tree), where)
+        logp_all = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device)
         out[where] = logp_all.gather(1, tokens[:, 1:][where][:, None]).squeeze(1)
         if not entropy:
@@ -206,8 +212,12 @@ class PolicyScorer(CausalLM):
         return out, ent
 
 
-def token_values(value_model: RewardModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return value_model(tokens[:, :-1], None) * mask
+def token_values(value_model: RewardModel, rows: Rows, mask: torch.Tensor) -> torch.Tensor:
+    """The value before each target token [N, L-1] (0 off the reply)."""
+    where = mask.bool()
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[where] = rows.read(value_model(rows.ids, None, mask=rows.tree), where)
+    return out
 
 
 def fill_rows(score: Callable, n: int, first: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
@@ -236,6 +246,13 @@ class PPO:
         device = runtime.device
         if reward_fn is not None and config.reward == "checker":
             raise ValueError("pass a reward function or reward=checker, not both.")
+        k = config.samples_per_prompt
+        self.share = config.share_prompt and k > 1 and (config.minibatch_size // runtime.world) % k == 0
+        if config.share_prompt and k > 1 and not self.share and runtime.main:
+            print(
+                f"ppo: each prompt's replies run in rows of their own: a process's minibatch of "
+                f"{config.minibatch_size // runtime.world} replies does not hold whole prompts' {k}"
+            )
         self.prompts = read_prompts(config.prompts)
         if config.reward == "checker":
             check_tasks(self.prompts, config.prompts)
@@ -328,6 +345,8 @@ class PPO:
         )
         ended = [c.finish_reason == "stop" for c in completions]
         rows = [p + c.token_ids + ([tok.im_end_id] if e else []) for p, c, e in zip(prompts, completions, ended)]
+        layout = Layout.build(rows, list(map(len, prompts)), config.samples_per_prompt, self.share, tok.pad_id)
+        layout = layout.to(device)
         length = max(map(len, rows))
         tokens = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length - 1))
@@ -351,8 +370,9 @@ class PPO:
                 )
             else:
                 with self.cast():
-                    scores = self.reward(tokens, last.to(device) + 1, pairwise=False).cpu()
-        return Rollout(tokens, mask, last, scores, torch.tensor(ended))
+                    whole = layout.rows
+                    scores = self.reward(whole.ids, whole.last, pairwise=False, mask=whole.tree).cpu()
+        return Rollout(tokens, mask, last, scores, torch.tensor(ended), layout)
 
     # -- one step -------------------------------------------------------------
 
@@ -364,10 +384,18 @@ class PPO:
         mask = ro.mask
         seed = [config.seed, step, 1] + ([runtime.rank] if runtime.rank else [])
         order_rng = np.random.default_rng(seed)
+        # Minibatches of whole rows: a shared prompt's replies are read together.
+        k = ro.layout.per_row
         epochs = [
-            torch.from_numpy(order_rng.permutation(len(mask))).split(config.minibatch_size // runtime.world)
+            [
+                (groups[:, None] * k + torch.arange(k)).flatten()
+                for groups in torch.from_numpy(order_rng.permutation(len(mask) // k)).split(
+                    config.minibatch_size // runtime.world // k
+                )
+            ]
             for _ in range(config.ppo_epochs)
         ]
+        read = ro.layout.select
         train_policy = step >= config.value_warmup_steps
         # The first minibatch's training forwards see the parameters before any update: without dropout their
         # outputs are its rows' old values and log-probabilities too, so those rows are not scored twice (the
@@ -377,21 +405,21 @@ class PPO:
         self.value.train(self.reuse_first)
         if self.reuse_first:
             with self.cast():
-                first_values = token_values(self.value, ro.tokens[first], mask[first])
+                first_values = token_values(self.value, read(first), mask[first])
                 if train_policy:
-                    first_policy = self.policy(ro.tokens[first], mask[first], entropy=True)
+                    first_policy = self.policy(ro.tokens[first], mask[first], entropy=True, rows=read(first))
         with torch.no_grad():
             with self.cast():
                 old_values = fill_rows(
-                    lambda rows: token_values(self.value, ro.tokens[rows], mask[rows]), len(mask), first, first_values
+                    lambda rows: token_values(self.value, read(rows), mask[rows]), len(mask), first, first_values
                 )
                 old_logp = fill_rows(
-                    lambda rows: self.policy(ro.tokens[rows], mask[rows]),
+                    lambda rows: self.policy(ro.tokens[rows], mask[rows], rows=read(rows)),
                     len(mask),
                     first,
                     first_policy[0] if first_policy is not None else None,
                 )
-                ref_logp = self.reference(ro.tokens, mask)
+                ref_logp = self.reference(ro.tokens, mask, rows=ro.layout.rows)
             kl = kl_estimate(old_logp, ref_logp, config.kl_estimator) * mask
             normalised = (ro.scores - self.reward_stats["mean"]) / max(self.reward_stats["std"], 1e-6)
             final = normalised - config.no_end_penalty * (~ro.ended).float()
@@ -413,7 +441,7 @@ class PPO:
                     values = first_values
                 else:
                     with self.cast():
-                        values = token_values(self.value, ro.tokens[chunk], m)
+                        values = token_values(self.value, read(chunk), m)
                 v_loss = value_loss(values, old_values[chunk], returns[chunk], m, config.value_clip, count)
                 self.value_opt.zero_grad(set_to_none=True)
                 v_loss.backward()
@@ -426,7 +454,7 @@ class PPO:
                     logp, entropy = first_policy
                 else:
                     with self.cast():
-                        logp, entropy = self.policy(ro.tokens[chunk], m, entropy=True)
+                        logp, entropy = self.policy(ro.tokens[chunk], m, entropy=True, rows=read(chunk))
                 p_loss, clip_frac = policy_loss(logp, old_logp[chunk], advantages[chunk], m, config.clip, count)
                 update = epoch * len(chunks) + k
                 loss = p_loss + (

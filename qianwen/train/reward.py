@@ -26,7 +26,7 @@ from torch import nn
 import qianwen
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import common_prefix
-from qianwen.model import Transformer
+from qianwen.model import Transformer, branch_mask
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, init_runtime, shutdown
 from qianwen.train.records import Skip, read_records
@@ -208,18 +208,18 @@ class PairBatches:
                 ids[r, : len(row)] = torch.tensor(row)
             return ids, torch.tensor([len(row) - 1 for row in rows]), None
         ids = torch.full((len(members), T), self.pad_id, dtype=torch.long)
-        last, spans = [], []
+        segments = torch.full((len(members), T), -1, dtype=torch.long)
+        last = []
         for r, i in enumerate(members):
             chosen, rejected, shared = self.pairs.rows[2 * i], self.pairs.rows[2 * i + 1], self._shared[i]
             row = chosen + rejected[shared:]
             ids[r, : len(row)] = torch.tensor(row)
+            segments[r, : len(row)] = torch.tensor(
+                [0] * shared + [1] * (len(chosen) - shared) + [2] * (len(row) - len(chosen))
+            )
             # a rejected sequence that is a prefix of the chosen one ends inside it
             last.append([len(chosen) - 1, len(rejected) - 1 if shared == len(rejected) else len(row) - 1])
-            spans.append([len(row), len(chosen), shared])
-        n, split, shared = torch.tensor(spans).T[:, :, None, None]
-        q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        # chosen tokens: causal; the rejected tail: the shared prefix and itself; padding: only itself
-        mask = (k <= q) & ((q < split) | (k < shared) | (k >= split)) & (q < n) | ((q >= n) & (k == q))
+        mask = branch_mask(segments)
         return ids, torch.tensor(last), mask
 
 
