@@ -159,10 +159,16 @@ def token_steps(
     device = model.embed.weight.device
     B = len(prompts)
     shared = shared_prefix(model, prompts) if use_cache else 0
+    # A prompt given several times (samples of one prompt: PPO's, pass@k's) is prefilled once, then its cache
+    # rows are copied.
+    first_of: dict[tuple[int, ...], int] = {}
+    copy_of = [first_of.setdefault(tuple(p), len(first_of)) for p in prompts] if use_cache else list(range(B))
+    distinct = [list(p) for p in first_of] if use_cache else list(prompts)
+    U = len(distinct)
     longest = max(len(p) for p in prompts) - shared
-    ids = torch.full((B, longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, longest), dtype=torch.long)
-    for row, p in enumerate(prompts):
+    ids = torch.full((U, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((U, longest), dtype=torch.long)
+    for row, p in enumerate(distinct):
         ids[row, longest - len(p) + shared :] = torch.tensor(p[shared:], dtype=torch.long)
         mask[row, longest - len(p) + shared :] = 1
     ids, mask = ids.to(device), mask.to(device)
@@ -173,7 +179,7 @@ def token_steps(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     seen = None
     if sampling.repetition_penalty != 1:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen = torch.zeros(U, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool() if mask is not None else True)
         if shared:
             seen[:, torch.tensor(prompts[0][:shared], device=device)] = True
@@ -182,10 +188,14 @@ def token_steps(
     if use_cache and shared:
         cache = model.new_cache(1, shared + longest + max_new_tokens)
         model.hidden_states(torch.tensor([prompts[0][:shared]], device=device), cache=cache)
-        cache = cache.select(torch.zeros(B, dtype=torch.long, device=device))
+        cache = cache.select(torch.zeros(U, dtype=torch.long, device=device))
     elif use_cache:
-        cache = model.new_cache(B, longest + max_new_tokens)
+        cache = model.new_cache(U, longest + max_new_tokens)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+    if U < B:
+        rows = torch.tensor(copy_of, device=device)
+        cache, logits = cache.select(rows), logits[rows]
+        seen = seen[rows] if seen is not None else None
     decode = compiled_step(model) if compile and use_cache else None
     if decode is not None:
         # The step writes into the cache in place; CUDA graphs allow that only

@@ -191,6 +191,19 @@ def test_a_prefix_every_prompt_shares_is_prefilled_once_and_the_rows_decode_as_a
     assert [c.token_ids for c in sampled] == [c.token_ids for c in unshared]
 
 
+def test_a_prompt_given_several_times_is_prefilled_once_and_its_rows_sample_apart():
+    model = random_model(CONFIGS["gqa"], seed=4)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [1, 2, 3], [9, 8, 7, 6, 5], [1, 2, 3]]
+    fed = []
+    model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape))
+    batch = qianwen.generate(model, None, prompts, 10, stop_ids=[])
+    assert fed[0] == (2, 5)  # two distinct prompts
+    for prompt, completion in zip(prompts, batch):
+        assert completion.token_ids == qianwen.generate(model, None, prompt, 10, stop_ids=[]).token_ids
+    sampled = qianwen.generate(model, None, prompts, 10, stop_ids=[], temperature=1.0, seed=0, repetition_penalty=1.2)
+    assert len({tuple(c.token_ids) for c in sampled[0::2]}) == 3  # copies of a prompt's cache, not of its replies
+
+
 def test_no_prefix_is_shared_where_dynamic_ntk_or_windows_make_a_row_s_keys_its_own():
     from qianwen.generate import MIN_SHARED_PREFIX, shared_prefix
 
