@@ -116,22 +116,53 @@ def test_a_prompts_replies_in_one_row_train_as_rows_of_their_own(setup):
 
 
 def test_shared_rows_read_each_reply_token_from_the_state_before_it():
-    replies = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [4, 5, 30, 31, 32], [4, 5, 40]]
+    replies = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [4, 5, 30, 31, 32], [4, 5, 30, 40]]
     layout = Layout.build(replies, [3, 3, 2, 2], 2, True, pad_id=0)
     rows = layout.rows
+    # the second prompt's replies both begin with 30: it joins the trunk
     assert rows.ids.tolist() == [[1, 2, 3, 10, 11, 20], [4, 5, 30, 31, 32, 40]]
     assert rows.last.tolist() == [[4, 5], [4, 5]]
     mask = torch.zeros(4, 4, dtype=torch.bool)
     for n, (reply, p) in enumerate(zip(replies, [3, 3, 2, 2])):
         mask[n, p - 1 : len(reply) - 1] = True
     states = torch.arange(6)[None] + torch.tensor([[0], [100]])  # a state is its column, plus 100 in row 2
-    # reply 2 ([20]) is predicted from its prompt's last token (column 2), reply 4 ([40]) from column 1
-    assert rows.read(states, mask).tolist() == [2, 3, 2, 101, 102, 103, 101]
+    # reply 2 ([20]) is predicted from its prompt's last token (column 2); reply 4's 40 from its 30 (column 2)
+    assert rows.read(states, mask).tolist() == [2, 3, 2, 101, 102, 103, 101, 102]
     assert rows.tree[0, 5].tolist() == [True, True, True, False, False, True]
+    assert rows.tree[1, 5].tolist() == [True, True, True, False, False, True]
     with pytest.raises(ValueError, match="whole prompts"):
         layout.select(torch.tensor([1, 2]))
     apart = Layout.build(replies, [3, 3, 2, 2], 2, False, pad_id=0)
     assert apart.rows.tree is None and apart.rows.ids.shape == (4, 5)
+
+
+def test_shared_rows_score_as_rows_of_their_own(setup):
+    """Log-probabilities, values and the reward read through shared rows equal those of one row per reply, with
+    replies that begin alike, one that another extends, identical ones, and padding."""
+    from qianwen.train.ppo import PolicyScorer, token_values
+
+    model, _ = qianwen.load(setup / "sft")
+    scorer = PolicyScorer(model).eval()
+    rm = RewardModel(model, seed=1).eval()
+    prompts = [[7, 8, 9, 10], [7, 8, 9, 10], [3, 4], [3, 4], [5, 6, 7], [5, 6, 7]]
+    tails = [[40, 41, 42, 43], [40, 41, 50], [60, 61], [60, 61, 62, 63, 64], [70, 71], [70, 71]]
+    replies = [p + t for p, t in zip(prompts, tails)]
+    width = max(map(len, replies))
+    tokens = torch.zeros(len(replies), width, dtype=torch.long)
+    mask = torch.zeros(len(replies), width - 1)
+    for n, (row, p) in enumerate(zip(replies, prompts)):
+        tokens[n, : len(row)] = torch.tensor(row)
+        mask[n, len(p) - 1 : len(row) - 1] = 1
+    read = {}
+    with torch.no_grad():
+        for share in (True, False):
+            rows = Layout.build(replies, list(map(len, prompts)), 2, share, pad_id=0).rows
+            logp = scorer(tokens, mask, rows=rows)
+            rewards = rm(rows.ids, rows.last, pairwise=False, mask=rows.tree)
+            read[share] = logp, token_values(rm, rows, mask), rewards
+    assert Layout.build(replies, list(map(len, prompts)), 2, True, 0).rows.ids.shape == (3, 9)  # 4 + 2 shared + 2 + 1
+    for shared, apart in zip(read[True], read[False]):
+        torch.testing.assert_close(shared, apart, rtol=1e-5, atol=1e-5)
 
 
 def test_ptx_reads_new_windows_for_every_policy_update(setup, monkeypatch):
