@@ -87,12 +87,17 @@ def test_reusing_the_first_minibatch_forwards_changes_nothing(setup, monkeypatch
 
     monkeypatch.setattr(PPO, "__init__", scoring_apart)
     apart = ppo(load_config(None, settings(setup, "apart", *common)), reward_fn=ascii_share)
-    for a, b in zip(reused, apart, strict=True):
-        for key in ("reward", "kl", "value_loss", "policy_loss", "clip_frac", "entropy"):
+    assert_close_runs(reused, apart, setup / "reuse", setup / "apart", abs_=1e-6)
+
+
+def assert_close_runs(first: list[dict], second: list[dict], first_dir: Path, second_dir: Path, abs_: float) -> None:
+    """The same metrics at every step and the same trained policy, to rounding."""
+    for a, b in zip(first, second, strict=True):
+        for key in ("reward", "kl", "response_length", "value_loss", "policy_loss", "clip_frac", "entropy"):
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
-    x, _ = qianwen.load(setup / "reuse" / "ppo")
-    y, _ = qianwen.load(setup / "apart" / "ppo")
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=abs_), (key, a, b)
+    x, _ = qianwen.load(first_dir / "ppo")
+    y, _ = qianwen.load(second_dir / "ppo")
     for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -100,19 +105,12 @@ def test_reusing_the_first_minibatch_forwards_changes_nothing(setup, monkeypatch
 def test_a_prompts_replies_in_one_row_train_as_rows_of_their_own(setup):
     """share_prompt lays each prompt's two replies out as branches of one row (the prompt run once): rewards,
     KL, losses and the trained policy equal those of one row per reply (one minibatch per step, so both read the
-    replies in any order), to rounding; the shared rows hold fewer tokens."""
+    replies in any order), to rounding."""
     common = (f"reward_model={setup / 'rm'}", "steps=3", "value_warmup_steps=1", "dtype=fp32", "minibatch_size=16")
     common += ("lr=3e-3", "value_lr=1e-3", "max_new_tokens=12")
     shared = ppo(load_config(None, settings(setup, "shared", *common)))
     apart = ppo(load_config(None, settings(setup, "rows", *common, "share_prompt=false")))
-    for a, b in zip(shared, apart, strict=True):
-        for key in ("reward", "kl", "response_length", "value_loss", "policy_loss", "clip_frac", "entropy"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
-    x, _ = qianwen.load(setup / "shared" / "ppo")
-    y, _ = qianwen.load(setup / "rows" / "ppo")
-    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert_close_runs(shared, apart, setup / "shared", setup / "rows", abs_=1e-5)
 
 
 def test_shared_rows_read_each_reply_token_from_the_state_before_it():
