@@ -44,7 +44,11 @@ class Layout:
     """All of a step's replies as Rows, and the Rows of any whole prompts' replies."""
 
     rows: Rows
-    per_row: int  # replies per row: samples_per_prompt when shared, else 1
+
+    @property
+    def per_row(self) -> int:
+        """Replies per row: samples_per_prompt when shared, else 1."""
+        return self.rows.per_row
 
     @classmethod
     def build(cls, replies: list[list[int]], prompt_lengths: list[int], per_prompt: int, share: bool, pad_id: int):
@@ -60,7 +64,7 @@ class Layout:
         for group in groups:
             p = prompt_lengths[group[0]]
             tails = [replies[n][p:] for n in group]
-            c = min(common_prefix(tails[0], tail) for tail in tails)
+            c = min(common_prefix(tails[0], tail) for tail in tails) if share else 0
             ids, segments = replies[group[0]][: p + c], [0] * (p + c)
             ends = []
             for b, (n, tail) in enumerate(zip(group, tails)):
@@ -78,7 +82,7 @@ class Layout:
         for r, (row, segs) in enumerate(rows):
             ids[r, : len(row)], segments[r, : len(row)] = torch.tensor(row), torch.tensor(segs)
         tree = branch_mask(segments) if share else None
-        return cls(Rows(ids, tree, sources, torch.tensor(last)), k)
+        return cls(Rows(ids, tree, sources, torch.tensor(last)))
 
     def select(self, replies: torch.Tensor) -> Rows:
         """The Rows of `replies` (indices of the step's replies), which must be whole prompts' runs in order."""
@@ -95,4 +99,4 @@ class Layout:
     def to(self, device) -> Layout:
         rows = self.rows
         tree = rows.tree.to(device) if rows.tree is not None else None
-        return Layout(Rows(rows.ids.to(device), tree, rows.source.to(device), rows.last.to(device)), self.per_row)
+        return Layout(Rows(rows.ids.to(device), tree, rows.source.to(device), rows.last.to(device)))
