@@ -8,6 +8,8 @@ and again under bf16 autocast (which a CPU with AMX computes in hardware). The s
 rounds and each side's fastest round counts, since this host's speed drifts within minutes. Goal: >= 2x faster.
 
     python -m benchmarks.bench_ppo --trl-python /tmp/trlvenv/bin/python [--steps 6] [--rounds 3] [--dtypes fp32,bf16]
+
+Without --trl-python only our side runs (a GPU machine, where TRL's venv cannot be built): --device cuda.
 """
 
 from __future__ import annotations
@@ -48,14 +50,32 @@ def export(out: Path, name: str) -> tuple[Path, Path, Tokenizer]:
     return out / "sft", out / "rm", tok
 
 
+def trl_steps(args, policy: Path, reward: Path, work: Path, tok: Tokenizer, dtype: str) -> list[float]:
+    """TRL's seconds per step, from its own venv."""
+    peer = subprocess.run(
+        [
+            args.trl_python, str(Path(__file__).with_name("trl_ppo_peer.py")),
+            "--policy", str(policy), "--reward", str(reward), "--prompts", str(work / "ids.jsonl"),
+            "--steps", str(args.steps), "--stop-id", str(tok.im_end_id), "--threads", str(args.threads),
+            "--dtype", dtype,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if peer.returncode != 0:
+        raise SystemExit(f"the TRL side failed:\n{peer.stderr[-3000:]}")
+    return json.loads(peer.stdout.strip().splitlines()[-1])["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trl-python", required=True, help="the Python of a venv with trl==0.11.4")
+    parser.add_argument("--trl-python", help="the Python of a venv with trl==0.11.4 (none: our side alone)")
     parser.add_argument("--model", default="tiny-10m")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two sides; the fastest counts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtypes", default="fp32,bf16", help="each side in each: fp32, or bf16 autocast")
+    parser.add_argument("--device", default="cpu", help="where our side runs (TRL's always runs on the CPU)")
+    parser.add_argument("--name", default="ppo", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -77,53 +97,47 @@ def main() -> None:
                     f"out={work / f'ours-{dtype}-{round_}'}", f"steps={args.steps}", "prompts_per_step=8",
                     "samples_per_prompt=2", "max_new_tokens=48", "ppo_epochs=1", "minibatch_size=8",
                     "value_warmup_steps=0", "temperature=1.0", "top_p=1.0", "kl_coef=0.04", "lr=1e-5",
-                    "value_lr=1e-5", "no_end_penalty=1.0", "device=cpu", f"dtype={dtype}",
+                    "value_lr=1e-5", "no_end_penalty=1.0", f"device={args.device}", f"dtype={dtype}",
                 ]  # fmt: skip
                 history = ppo(load_config(None, overrides))
                 lengths[dtype] = history[-1]["response_length"]
-                peer = subprocess.run(
-                    [
-                        args.trl_python, str(Path(__file__).with_name("trl_ppo_peer.py")),
-                        "--policy", str(policy), "--reward", str(reward), "--prompts", str(work / "ids.jsonl"),
-                        "--steps", str(args.steps), "--stop-id", str(tok.im_end_id), "--threads", str(args.threads),
-                        "--dtype", dtype,
-                    ],
-                    capture_output=True, text=True, check=False,
-                )  # fmt: skip
-                if peer.returncode != 0:
-                    raise SystemExit(f"the TRL side failed:\n{peer.stderr[-3000:]}")
-                theirs = json.loads(peer.stdout.strip().splitlines()[-1])["seconds"]
                 # The first step of each side pays for warm-up (allocations, first kernels): the median of the rest.
                 times["ours"].append(statistics.median([r["seconds"] for r in history][1:]))
-                times["trl"].append(statistics.median(theirs[1:]))
-                print(f"round {round_ + 1} ({dtype}): qianwen {times['ours'][-1]:.3f} s, TRL {times['trl'][-1]:.3f} s")
+                if args.trl_python:
+                    times["trl"].append(statistics.median(trl_steps(args, policy, reward, work, tok, dtype)[1:]))
+                peer_text = f", TRL {times['trl'][-1]:.3f} s" if times["trl"] else ""
+                print(f"round {round_ + 1} ({dtype}, {args.device}): qianwen {times['ours'][-1]:.3f} s{peer_text}")
         for dtype, times in timings.items():
-            mine, peer_s = min(times["ours"]), min(times["trl"])
-            ratios[dtype] = peer_s / mine
-            rows += [
+            mine = min(times["ours"])
+            rows.append(
                 {
-                    "impl": "qianwen ppo", "dtype": dtype, "steps": args.steps, "seconds_per_step": round(mine, 3),
-                    "rounds": [round(t, 3) for t in times["ours"]], "reply_tokens": lengths[dtype],
-                    "speedup": round(ratios[dtype], 2),
-                },
-                {
-                    "impl": "trl 0.11.4 PPOv2Trainer", "dtype": dtype, "steps": args.steps,
-                    "seconds_per_step": round(peer_s, 3), "rounds": [round(t, 3) for t in times["trl"]],
-                },
-            ]  # fmt: skip
-            print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n")
-            print(f"qianwen ppo ({dtype}): {ratios[dtype]:.2f}x TRL's step time")
+                    "impl": "qianwen ppo" + (f" ({args.device})" if args.device != "cpu" else ""), "dtype": dtype, "steps": args.steps,
+                    "seconds_per_step": round(mine, 3), "rounds": [round(t, 3) for t in times["ours"]],
+                    "reply_tokens": lengths[dtype],
+                }
+            )  # fmt: skip
+            if times["trl"]:
+                peer_s = min(times["trl"])
+                ratios[dtype] = rows[-1]["speedup"] = round(peer_s / mine, 2)
+                rows.append(
+                    {
+                        "impl": "trl 0.11.4 PPOv2Trainer", "dtype": dtype, "steps": args.steps,
+                        "seconds_per_step": round(peer_s, 3), "rounds": [round(t, 3) for t in times["trl"]],
+                    }
+                )  # fmt: skip
+                print(f"qianwen ppo ({dtype}): {ratios[dtype]:.2f}x TRL's step time")
+            print(*(json.dumps(r) for r in rows[-2 if times["trl"] else -1 :]), sep="\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     speedups = ", ".join(f"{ratio:.2f}x in {dtype}" for dtype, ratio in ratios.items())
     notes = (
         f"{args.model} with random weights, 16 replies x 48 tokens a step, one epoch in minibatches of 8, "
-        f"{args.threads} torch thread(s); median step time after the first, the fastest of {args.rounds} "
-        f"alternating rounds per side; bf16 = autocast on both sides "
-        f"(TRL's bf16=True). Speedup {speedups}."
+        f"{args.threads} torch thread(s), ours on {args.device}; median step time after the first, the fastest of "
+        f"{args.rounds} alternating rounds per side; bf16 = autocast on both sides (TRL's bf16=True). "
+        + (f"Speedup {speedups}." if ratios else "TRL not run (no --trl-python).")
     )
-    write_result("ppo", rows, "python -m benchmarks.bench_ppo " + " ".join(sys.argv[1:]), notes)
+    write_result(args.name, rows, "python -m benchmarks.bench_ppo " + " ".join(sys.argv[1:]), notes)
 
 
 if __name__ == "__main__":

@@ -157,11 +157,13 @@ def main() -> None:
         model_dir = export_model(workdir / "model", args.model)
         _, tok = qianwen.load(model_dir)
         bias = {str(i): -100.0 for i in [*tok.chat_stop_ids, tok.eod_id]}  # floats: transformers rejects ints
-        bin_dir = Path(sys.executable).parent
+        # Through this Python rather than the console scripts: a machine with the package on PYTHONPATH alone
+        # (the GPU machine) has none.
+        transformers_cli = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
         peer_dtype = {"auto": "auto", "bf16": "bfloat16"}[args.dtype]
         servers = {
             "qianwen": (
-                [str(bin_dir / "qianwen"), "serve", "--model", str(model_dir), "--port", "8931",
+                [sys.executable, "-m", "qianwen", "serve", "--model", str(model_dir), "--port", "8931",
                  "--served-name", "m", "--max-batch", str(max(levels)), "--device", args.device,
                  "--dtype", args.dtype],
                 "http://127.0.0.1:8931",
@@ -170,13 +172,13 @@ def main() -> None:
             # transformers serves each request with its own generate() call by default, or with its paged
             # continuous-batching manager; both are measured and the faster one is the peer.
             "transformers": (
-                [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8932", "--host", "127.0.0.1",
+                [*transformers_cli, "serve", str(model_dir), "--port", "8932", "--host", "127.0.0.1",
                  "--device", args.device, "--dtype", peer_dtype],
                 "http://127.0.0.1:8932",
                 str(model_dir),
             ),
             "transformers-cb": (
-                [str(bin_dir / "transformers"), "serve", str(model_dir), "--port", "8933", "--host", "127.0.0.1",
+                [*transformers_cli, "serve", str(model_dir), "--port", "8933", "--host", "127.0.0.1",
                  "--device", args.device, "--continuous-batching", "--dtype", peer_dtype],
                 "http://127.0.0.1:8933",
                 str(model_dir),

@@ -9,6 +9,7 @@ On a GPU (bf16 autocast on both sides): --device cuda --peak-tflops 989 (H100/H2
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -128,6 +129,9 @@ def main(argv=None) -> None:
         shards(data, vocab_size, tokens=args.batch * (args.seq + 1) * (args.steps + 4) * 2)
         peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
         a = ours(args, data, Path(tmp) / "run")
+        gc.collect()  # our model and optimizer state go before the peer's are built (1.8B: ~29 GB each on a GPU)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         b = theirs(args, vocab_size)
     config = model_config(args)
     flops = train_flops_per_token(config, args.seq)
