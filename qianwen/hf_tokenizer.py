@@ -31,31 +31,10 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(a, b) for _, _, _, a, b in found]
 
 
-def write_hf_files(tok: Tokenizer, out: Path, model_max_length: int) -> None:
-    vocab = {_to_unicode(token): rank for token, rank in tok.ranks.items()}
-    merges = [(_to_unicode(a), _to_unicode(b)) for a, b in bpe_merges(tok.ranks)]
-    # ignore_merges: a piece that is itself a token maps straight to it, as in tiktoken.
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
-    hf.normalizer = normalizers.NFC()
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    hf.decoder = decoders.ByteLevel()
-    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
-    for content, token_id in specials:
-        if hf.token_to_id(content) != token_id:
-            raise ValueError(f"special token {content} would get id {hf.token_to_id(content)} instead of {token_id}.")
-    atomic_write(out / "tokenizer.json", lambda tmp: hf.save(tmp))
-
-    ordered = sorted(vocab.items(), key=lambda kv: kv[1])
-    atomic_write(out / "vocab.json", json.dumps(dict(ordered), ensure_ascii=False))
-    atomic_write(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-
+def write_hf_config(tok: Tokenizer, out: Path, model_max_length: int) -> None:
+    """tokenizer_config.json (with the chat template) and special_tokens_map.json."""
     eos = IM_END if IM_END in tok.special_tokens else ENDOFTEXT
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
@@ -82,3 +61,31 @@ def write_hf_files(tok: Tokenizer, out: Path, model_max_length: int) -> None:
     atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
     special_map = {"eos_token": eos, "pad_token": ENDOFTEXT}
     atomic_write(out / "special_tokens_map.json", json.dumps(special_map, indent=2))
+
+
+def hf_files(tok: Tokenizer) -> dict[str, str]:
+    """tokenizer.json, vocab.json and merges.txt, as text."""
+    vocab = {_to_unicode(token): rank for token, rank in tok.ranks.items()}
+    merges = [(_to_unicode(a), _to_unicode(b)) for a, b in bpe_merges(tok.ranks)]
+    # ignore_merges: a piece that is itself a token maps straight to it, as in tiktoken.
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    for content, token_id in specials:
+        if hf.token_to_id(content) != token_id:
+            raise ValueError(f"special token {content} would get id {hf.token_to_id(content)} instead of {token_id}.")
+
+    ordered = sorted(vocab.items(), key=lambda kv: kv[1])
+    return {
+        "tokenizer.json": hf.to_str(pretty=True),
+        "vocab.json": json.dumps(dict(ordered), ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+    }

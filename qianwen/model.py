@@ -395,11 +395,20 @@ class _StepContext(_Spans):
 # The model
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding without its default initialisation on the meta device, where checkpoints are loaded into:
+    torch's meta `normal_` imports torch._dynamo, 1.9 s of every process that loads a model."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,15 @@ def model():
 def logits(model, ids=((1, 2, 3, 4, 5),)):
     with torch.no_grad():
         return model(torch.tensor(ids))
+
+
+def test_loading_does_not_import_the_compiler(model, tmp_path):
+    """The model is built on the meta device and filled from the file; torch's meta `normal_` (an embedding's
+    default initialisation) would import torch._dynamo, 1.9 s of every process that loads a model."""
+    save_model(model, tmp_path)
+    code = f"import sys; from qianwen.checkpoint import load_model; load_model({str(tmp_path)!r}); "
+    code += "print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_bf16_checkpoints_stay_bf16_unless_asked(model, tmp_path):

@@ -584,3 +584,15 @@ def test_saving_standard_specials_removes_a_stale_sidecar(tok, tmp_path):
     assert Tokenizer.from_file(tmp_path).special_tokens == custom.special_tokens
     tok.save(tmp_path)
     assert Tokenizer.from_file(tmp_path).special_tokens == tok.special_tokens
+
+
+def test_loads_of_the_same_files_share_one_tokenizer_and_changed_files_are_read_again(tok, tmp_path):
+    tok.save(tmp_path / "a")
+    tok.save(tmp_path / "b")
+    first = Tokenizer.from_file(tmp_path / "a")
+    assert Tokenizer.from_file(tmp_path / "b") is first  # the same content, wherever it lies
+    smaller = Tokenizer({t: r for t, r in tok.ranks.items() if r < 1000})
+    smaller.save(tmp_path / "a")
+    again = Tokenizer.from_file(tmp_path / "a")
+    assert again is not first and again.vocab_size == smaller.vocab_size < first.vocab_size
+    assert again.encode("hello world") == smaller.encode("hello world") != first.encode("hello world")
