@@ -3,7 +3,9 @@
 # serving against transformers serve, PPO steps, and the whole recipe (micro sizes) on the GPU. Each part has its
 # own time limit, so a slow part costs only itself; the most wanted parts come first. Everything printed goes to
 # $OUT/gpu.log and the result files to $OUT/results.tgz (the device tool brings back at most 8 files).
-# Packages the GPU image lacks travel as wheels in .whl (see benchmarks/ANALYSIS.md, session 16).
+# Packages the GPU image lacks travel as wheels in .whl: make them here with benchmarks/gpu_wheels.sh. The parts'
+# limits sum to 690 s and their expected times to about 8 minutes: run it with timeout_s 570 (the last part, 0.5B
+# training, is the one to lose).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 PY=${PY:-python3}

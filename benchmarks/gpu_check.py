@@ -8,6 +8,7 @@ torch.compile against eager. Prints one line per check; exits 1 on a failure.
 from __future__ import annotations
 
 import json
+import queue
 import sys
 
 import torch
@@ -19,6 +20,52 @@ from qianwen.config import ModelConfig, preset
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
+
+
+def engine_replies(model, tok, params, n: int = 2) -> list[tuple[str, str]]:
+    """(text, finish reason) of each of n choices for one prompt through the serving engine."""
+    from qianwen.engine import Engine
+
+    done: queue.Queue = queue.Queue()
+    texts: dict[int, str] = {}
+
+    def emit(job, event):
+        texts[job.index] = texts.get(job.index, "") + event.text
+        if event.finish_reason:
+            done.put((job.index, event.finish_reason))
+
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        engine.submit(tok.encode("Once upon a time"), params, n, emit)
+        finished = dict(done.get(timeout=60) for _ in range(n))
+    finally:
+        engine.close()
+    return [(texts[i], finished[i]) for i in range(n)]
+
+
+def engine_checks() -> list[dict]:
+    """The serving engine on the GPU: greedy text as on the CPU; sampling with a seed (the request's generator
+    lives on the CPU), penalties, a logit bias and log-probabilities run and repeat."""
+    from qianwen.engine import Params
+    from qianwen.tokenizer import Tokenizer
+
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=128)  # fmt: skip
+    model = qianwen.Transformer(config)
+    model.init_weights(0)
+    greedy = Params(max_tokens=24, temperature=0)
+    cpu = engine_replies(model, tok, greedy)
+    model.cuda()
+    gpu = engine_replies(model, tok, greedy)
+    sampled = Params(max_tokens=24, temperature=0.8, top_p=0.9, seed=5, frequency_penalty=0.5, logprobs=2,
+                     logit_bias=((65, 3.0),))  # fmt: skip
+    first, again = engine_replies(model, tok, sampled), engine_replies(model, tok, sampled)
+    return [
+        {"check": "engine greedy text on CUDA equals the CPU's", "pass": gpu == cpu},
+        {"check": "engine sampling on CUDA runs and its seed repeats",
+         "pass": first == again and all(r in ("stop", "length") for _, r in first)},
+    ]  # fmt: skip
 
 
 def main() -> int:
@@ -55,6 +102,7 @@ def main() -> int:
         results.append(
             {"check": "bf16 relative error vs fp64", "ours": e_ours, "transformers": e_theirs, "pass": e_ours < 1e-2}
         )
+    results += engine_checks()
     big = preset("qwen-1.8b")
     with torch.device("cuda"):
         model = qianwen.Transformer(big).to(torch.bfloat16)

@@ -72,7 +72,10 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     if s.temperature == 0:
         return logits.max(-1).indices  # the first maximum, as argmax, in a third of its time on a CPU
     cdf = filter_logits(logits, s).softmax(-1).cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # Drawn where the generator lives (a request's seeded CPU generator serves a model on a GPU too).
+    where = generator.device if generator is not None else cdf.device
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=where, dtype=cdf.dtype).to(cdf.device)
+    u = u * cdf[:, -1:]
     # The first id whose cumulative mass passes u: an id of probability 0 adds no mass, so it is never drawn.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 

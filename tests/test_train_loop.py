@@ -246,3 +246,16 @@ def test_flops_per_token_counts_every_matmul():
     n = L * per_layer + 512 * d + d  # the output head and final norm; the embedding lookup is no matmul
     assert train_flops_per_token(config, T) == pytest.approx(6 * n + 6 * L * d * T)
     assert math.isfinite(train_flops_per_token(preset("qwen-7b"), 2048))
+
+
+@pytest.mark.parametrize(("device", "local_rank", "expected"), [("cuda", "0", "cuda:0"), ("cuda", "1", "cuda:1"),
+                                                                 ("cuda:0", "1", "cuda:0"), ("auto", "1", "cuda:1")])  # fmt: skip
+def test_a_plain_cuda_device_is_this_processs_gpu(monkeypatch, device, local_rank, expected):
+    """`device=cuda` names the process's own GPU: torch.cuda.set_device refuses a device without an index."""
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch._utils._get_device_index(d)))
+    assert str(loop.init_runtime(device).device) == expected
+    assert chosen == [int(expected[-1])]

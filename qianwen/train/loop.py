@@ -149,6 +149,8 @@ def init_runtime(device: str) -> Runtime:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # plain `cuda`: this process's own GPU (set_device refuses a device without an index)
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world == 1:
         return Runtime(0, 1, dev, None)
