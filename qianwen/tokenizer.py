@@ -67,11 +67,18 @@ def _to_unicode(token: bytes) -> str:
     return token.decode("latin-1").translate(_byte_to_unicode())
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[int, int]:
+    """The inverse of `_byte_to_unicode` for str.translate; a character below 256 that stands for no byte maps
+    past Latin-1, so that encoding the result fails on it as on any other foreign character."""
+    table = {ord(c): b for b, c in _byte_to_unicode().items()}
+    return {**{i: 0xFFFF for i in range(256)}, **table}
+
+
 def _from_unicode(text: str, where: str) -> bytes:
-    table = {c: b for b, c in _byte_to_unicode().items()}
     try:
-        return bytes(table[c] for c in text)
-    except KeyError:
+        return text.translate(_unicode_to_byte()).encode("latin-1")
+    except UnicodeEncodeError:
         raise TokenizerError(
             f"{where}: token {text!r} is not byte-level BPE; qianwen reads GPT-2-style byte-level vocabularies only."
         ) from None

@@ -572,6 +572,10 @@ def test_malformed_tokenizer_json(tmp_path):
     path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": ["a b"]}}))
     with pytest.raises(TokenizerError, match="token '中' is not byte-level BPE"):
         Tokenizer.from_file(path)
+    # A raw space is Latin-1 but stands for no byte (byte-level BPE writes it as "Ġ").
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "a b": 1}, "merges": []}}))
+    with pytest.raises(TokenizerError, match="token 'a b' is not byte-level BPE"):
+        Tokenizer.from_file(path)
     vocab = {"a": 0, "b": 1, "ab": 2, "c": 3, "abc": 4}
     path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": ["ab c", "a b"]}}))
     with pytest.raises(TokenizerError, match="out of rank order"):
