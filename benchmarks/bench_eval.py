@@ -4,7 +4,7 @@ backend (transformers) on the same exported checkpoint and the same three local 
 (documents) per second and the ratio (issue 5's goal: at least 2x).
 
 python -m benchmarks.bench_eval [--preset tiny-10m] [--checkpoint DIR ...] [--choice-docs 200] [--gen-docs 48]
-    [--max-gen-toks 32] [--fewshot 4] [--batch 16] [--repeats 3] [--device cpu] [--threads N]
+    [--max-gen-toks 32] [--fewshot 4] [--batch 16] [--repeats 3] [--device cpu] [--threads N] [--compile]
 
 The first model is the preset at Qwen's 151,936-token vocabulary with seeded random weights (the same bytes every
 run; --preset "" leaves it out); each --checkpoint (a trained model directory, e.g. runs/tiny/base) adds its own
@@ -157,7 +157,9 @@ def bench_model(args, described: str, model_dir: Path, eod_id: int, manager) -> 
     from qianwen.eval.lm_eval_adapter import QianwenLM
 
     backends = {
-        "qianwen": QianwenLM(str(model_dir), device=args.device, dtype=args.dtype, batch_size=args.batch),
+        "qianwen": QianwenLM(
+            str(model_dir), device=args.device, dtype=args.dtype, batch_size=args.batch, compile=args.compile
+        ),
         # Qwen's documents follow <|endoftext|>, which the qianwen model puts before an empty context; hf would
         # use the tokenizer's eos (<|im_end|>), so it is told the same.
         "hf": HFLM(
@@ -228,6 +230,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights, both sides")
+    parser.add_argument("--compile", action="store_true", help="our decoding steps compiled (CUDA graphs on a GPU)")
     parser.add_argument("--name", default="eval")
     args = parser.parse_args(argv)
     if args.threads:
@@ -252,7 +255,8 @@ def main(argv=None) -> None:
             described, eod_id = export_model(preset, checkpoint, model_dir)
             rows += bench_model(args, described, model_dir, eod_id, manager)
     notes = (
-        f"Batch size {args.batch} on both sides, weights in {args.dtype}, device {args.device}, "
+        f"Batch size {args.batch} on both sides, weights in {args.dtype}, device {args.device}"
+        f"{', our decoding steps compiled' if args.compile else ''}, "
         f"{torch.get_num_threads()} CPU thread(s); {args.repeats} interleaved runs per "
         "backend and task, each a whole `simple_evaluate` call (task building and metrics included); samples/s "
         f"and the ratio from each side's fastest run (the machine is shared), medians beside them. "

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU session in one script (device time is scarce): correctness on CUDA, the pretraining loop's MFU,
-# serving against transformers serve, PPO steps, and the whole recipe (micro sizes) on the GPU. Each part has its
-# own time limit, so a slow part costs only itself; the most wanted parts come first. Everything printed goes to
-# $OUT/gpu.log and the result files to $OUT/results.tgz (the device tool brings back at most 8 files).
+# serving against transformers serve, lm-eval against its hf backend, PPO steps, and the whole recipe (micro sizes)
+# on the GPU. Each part has its own time limit, so a slow part costs only itself; the most wanted parts come first.
+# Everything printed goes to $OUT/gpu.log and the result files to $OUT/results.tgz (the device tool brings back at
+# most 8 files); unpack them here with `tar xzf results.tgz benchmarks/results`, then `python -m benchmarks.report`.
 # Packages the GPU image lacks travel as wheels in .whl: make them here with benchmarks/gpu_wheels.sh. The parts'
-# limits sum to 690 s and their expected times to about 8 minutes: run it with timeout_s 570 (the last part, 0.5B
+# limits sum to 810 s and their expected times to about 9 minutes: run it with timeout_s 570 (the last part, 0.5B
 # training, is the one to lose).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -34,6 +35,7 @@ part 180 train-1.8b $PY -m benchmarks.bench_train --device cuda --peak-tflops 98
   --preset qwen-1.8b --seq 2048 --batch 4 --name gpu_train_1.8b
 part 150 serve $PY -m benchmarks.bench_serve --device cuda --dtype bf16 --model tiny-40m --threads 4 --requests 2 \
   --servers qianwen,transformers-cb,transformers --name gpu_serve
+part 120 eval $PY -m benchmarks.bench_eval --device cuda --dtype bfloat16 --compile --repeats 2 --name gpu_eval
 part 60 ppo $PY -m benchmarks.bench_ppo --device cuda --rounds 1 --steps 6 --name gpu_ppo
 MICRO=$($PY -c "import sys; sys.path.insert(0, 'tests'); from test_run import MICRO; print(' '.join(MICRO))")
 part 90 run-micro $PY -m qianwen run --recipe tiny --out /tmp/gpu-run --seed 1 $MICRO

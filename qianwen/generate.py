@@ -92,7 +92,10 @@ def compiled_step(model: Transformer):
     that dominates decoding small batches."""
     if getattr(model, "_compiled_step", None) is None:
         mode = "reduce-overhead" if model.embed.weight.is_cuda else None
-        model._compiled_step = torch.compile(model.decode_step, mode=mode, dynamic=False)
+        # Shapes static at first; a second batch size or cache length (each batch of an evaluation has its own)
+        # makes torch.compile build one kernel with those sizes dynamic, where dynamic=False compiled every new
+        # shape afresh until its recompile limit and then ran eagerly.
+        model._compiled_step = torch.compile(model.decode_step, mode=mode)
     return model._compiled_step
 
 
