@@ -265,6 +265,21 @@ def main() -> None:
             )
             + f"\n\n{serve['notes']}\n"
         )
+    for name, where in (("eval", "CPU, fp32"), ("eval_bf16", "CPU, bf16"), ("gpu_eval", "GPU, bf16")):
+        result = load(name)
+        if not result:
+            continue
+        rows = [
+            [r["model"], r["task"], r["output_type"], r["docs"], r["qianwen_samples_per_s"], r["hf_samples_per_s"],
+             f"**{r['ratio']}x**"]
+            for r in result["rows"]
+        ]  # fmt: skip
+        parts.append(
+            f"## Evaluation through lm-eval, {where}: the `qianwen` model vs lm-eval's `hf` backend (goal: >= 2x)\n\n"
+            f"{env_line(result)}\n\n"
+            + table(["model", "task", "type", "docs", "qianwen samples/s", "hf samples/s", "ratio"], rows)
+            + f"\n\n{result['notes']}\n"
+        )
     for name, title in (("ppo", "`qianwen ppo` vs TRL's four-model PPO (goal: >= 2x faster)"),
                         ("gpu_ppo", "`qianwen ppo` on a GPU (ours alone; TRL's venv is CPU-only here)")):  # fmt: skip
         ppo_result = load(name)
