@@ -10,6 +10,8 @@ holds two copies of the weights.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -189,10 +191,11 @@ _ST_DTYPES = {
 
 
 class _SafetensorsFile:
-    """Reads tensors of one .safetensors file into caller-provided buffers."""
+    """Reads tensors of one .safetensors file into caller-provided buffers, or maps them."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._map: mmap.mmap | None = None
         try:
             with open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
@@ -208,6 +211,24 @@ class _SafetensorsFile:
         if entry["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}.")
         return _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """The tensor as a copy-on-write view of the file's pages, or None where its bytes are not aligned for
+        its dtype. Pages are read when first used and never copied unless written (training does): a 1.28 GB
+        checkpoint took 1.08 s to read into fresh memory, against 0.36 s for transformers, which maps it."""
+        dtype, shape = self.meta(name)
+        begin, end = self.entries[name]["data_offsets"]
+        numel, size = math.prod(shape), dtype.itemsize
+        if end - begin != numel * size:
+            raise CheckpointError(f"{self.path}: tensor {name} has {end - begin} bytes, expected {numel * size}.")
+        if (self.base + begin) % size or numel == 0:
+            return None
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if self.base + end > len(self._map):
+            raise CheckpointError(f"{self.path} ends inside tensor {name}; the file is truncated.")
+        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=self.base + begin).view(shape)
 
     def read_into(self, name: str, out: torch.Tensor, handle) -> None:
         begin, end = self.entries[name]["data_offsets"]
@@ -270,6 +291,11 @@ class TensorSource:
         if isinstance(where, torch.Tensor):
             return where.dtype, tuple(where.shape)
         return where.meta(name)
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """A safetensors tensor mapped from its file (see _SafetensorsFile.mapped); None for .bin files."""
+        where = self._where[name]
+        return where.mapped(name) if isinstance(where, _SafetensorsFile) else None
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         where = self._where[name]
@@ -421,11 +447,14 @@ def _fill(model, name, parts, source, dtype, device) -> None:
         raise CheckpointError(
             f"{source.directory}: {' + '.join(parts)} has shape {list(stacked)} but the config needs {list(expected)}."
         )
-    tensor = torch.empty(expected, dtype=dtype)
-    row = 0
-    for part, shape in zip(parts, shapes, strict=True):
-        source.read_into(part, tensor[row : row + shape[0]])
-        row += shape[0]
+    # A tensor stored as it is wanted is mapped; stacked parts and a change of dtype are read into memory.
+    tensor = source.mapped(parts[0]) if len(parts) == 1 and source.meta(parts[0])[0] == dtype else None
+    if tensor is None:
+        tensor = torch.empty(expected, dtype=dtype)
+        row = 0
+        for part, shape in zip(parts, shapes, strict=True):
+            source.read_into(part, tensor[row : row + shape[0]])
+            row += shape[0]
     if device.type != "cpu":
         tensor = tensor.to(device)
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
