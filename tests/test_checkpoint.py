@@ -94,6 +94,19 @@ def test_load_holds_no_second_copy(model, tmp_path):
     assert not any(p.is_meta for p in loaded.parameters())
 
 
+def test_training_loaded_weights_leaves_the_file_alone(model, tmp_path):
+    """Weights stored as they are wanted are mapped copy-on-write: writing them changes memory, not the file."""
+    save_model(model, tmp_path)
+    stored = (tmp_path / "model.safetensors").read_bytes()
+    loaded = load_model(tmp_path)
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)
+    assert (tmp_path / "model.safetensors").read_bytes() == stored
+    assert torch.equal(logits(load_model(tmp_path)), logits(model))
+    assert not torch.equal(logits(loaded), logits(model))  # the write took, in memory
+
+
 def _error(path) -> str:
     with pytest.raises(CheckpointError) as info:
         load_model(path)
