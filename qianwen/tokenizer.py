@@ -96,14 +96,14 @@ def qwen_vocabulary() -> Path:
     return path
 
 
-_LOADED: OrderedDict[tuple[bytes, ...], Tokenizer] = OrderedDict()
+_LOADED: OrderedDict[tuple, Tokenizer] = OrderedDict()
 
 
-def _load_once(files: list[Path], build: Callable[[], Tokenizer]) -> Tokenizer:
+def _load_once(cls: type, files: list[Path], build: Callable[[], Tokenizer]) -> Tokenizer:
     """What `build` makes of `files`, made once per process for each content of them (the last few kept): a run
     on a real Qwen checkpoint reads its 151,851-token vocabulary in every stage, at 0.5 s a time (half of it
     tiktoken building its encoder), and a tokenizer never changes once made, so the same object can serve."""
-    key = tuple(f.read_bytes() if f.is_file() else b"" for f in files)
+    key = (cls, *(f.read_bytes() if f.is_file() else None for f in files))
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
@@ -154,11 +154,11 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {path} does not exist.")
         if path.name.endswith(".json") and path.name != "vocab.json":
-            return _load_once([path], lambda: cls._from_tokenizer_json(path))
+            return _load_once(cls, [path], lambda: cls._from_tokenizer_json(path))
         if path.name == "vocab.json":
             merges, config = path.with_name("merges.txt"), path.with_name("tokenizer_config.json")
-            return _load_once([path, merges, config], lambda: cls._from_vocab_merges(path, merges))
-        return _load_once([path, path.with_name("special_tokens.json")], lambda: cls._from_tiktoken(path))
+            return _load_once(cls, [path, merges, config], lambda: cls._from_vocab_merges(path, merges))
+        return _load_once(cls, [path, path.with_name("special_tokens.json")], lambda: cls._from_tiktoken(path))
 
     @classmethod
     def _from_tiktoken(cls, path: Path) -> Tokenizer:
