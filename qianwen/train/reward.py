@@ -275,8 +275,8 @@ def _stage(name, rm, pairs: Pairs, held: Pairs | None, tokenizer, config: RMConf
             count = min(config.eval_batches, count)
         r = rewards(held_out, count)
         margin = r[0::2] - r[1::2]
-        n = torch.tensor(float(len(margin)), dtype=torch.float64, device=margin.device)  # on the GPU with the rest
-        totals = runtime.sum(torch.stack([(margin > 0).sum().double(), margin.sum(), n]))
+        scored_pairs = torch.tensor(float(len(margin)), dtype=torch.float64, device=margin.device)  # beside the rest
+        totals = runtime.sum(torch.stack([(margin > 0).sum().double(), margin.sum(), scored_pairs]))
         batches = [b * runtime.world + runtime.rank for b in range(count)]
         members = [i for b in batches for i in held_out.members(b, shuffle=False)]
         names = sorted(set(scored.kinds[i] for i in val) - {""})
@@ -327,8 +327,8 @@ def _stage(name, rm, pairs: Pairs, held: Pairs | None, tokenizer, config: RMConf
     module.eval()
     with torch.no_grad():
         r = rewards(batches, min(batches.per_epoch // runtime.world, STATS_BATCHES), shuffle=True)
-    n = torch.tensor(float(len(r)), dtype=torch.float64, device=r.device)
-    stats = runtime.sum(torch.stack([r.sum(), (r * r).sum(), n]))
+    replies = torch.tensor(float(len(r)), dtype=torch.float64, device=r.device)
+    stats = runtime.sum(torch.stack([r.sum(), (r * r).sum(), replies]))
     mean = (stats[0] / stats[2]).item()
     metadata["reward"] = {"mean": mean, "std": math.sqrt(max((stats[1] / stats[2]).item() - mean * mean, 0.0))}
     evaluation = [h for h in history if "val_accuracy" in h]
