@@ -1,7 +1,8 @@
 """Serving throughput: `qianwen serve` against `transformers serve` (the OpenAI-compatible server in the
 transformers package) on the same exported model, same machine, same prompts. For 1, 4 and 16 concurrent
-clients, each client streams --requests chat completions one after another (greedy, --max-tokens each, end of
-text banned with logit_bias where the server honours it so every reply has the same length); measured:
+clients, each client streams --requests chat completions one after another (greedy, or sampled with
+--temperature and --top-p and a seed per request; --max-tokens each, end of text banned with logit_bias where the
+server honours it so every reply has the same length); measured:
 aggregate generated tokens/s and the median time to the first token. Each client is a process of its own. The
 servers run as separate processes on 127.0.0.1, one at a time, each with every thread count of --threads (the
 clients share the machine's cores, so fewer torch threads can be faster); transformers both in its default mode
@@ -9,7 +10,7 @@ and with --continuous-batching. Goals: >= 2x transformers at 16 clients, and our
 single-client rate.
 
     python -m benchmarks.bench_serve [--model tiny-10m] [--max-tokens 64] [--requests 2] [--threads 1,2] [--rounds 1]
-        [--dtype auto|bf16] [--name serve]
+        [--dtype auto|bf16] [--temperature T --top-p P] [--name serve]
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
     raise RuntimeError(f"no server at {url} after {timeout} s")
 
 
-def one_request(url: str, model: str, prompt: str, max_tokens: int, bias: dict) -> tuple[float, int, float]:
-    """(seconds to the first token, tokens generated, seconds in all) for one streamed chat completion."""
+def one_request(url: str, model: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, int, float]:
+    """(seconds to the first token, tokens generated, seconds in all) for one streamed chat completion; `extra`
+    adds to the body (logit_bias; temperature, top_p and seed when sampled)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -82,9 +84,8 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, bias: dict) 
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
-    if bias:
-        body["logit_bias"] = bias
     start = time.perf_counter()
     first, tokens, chunks = None, None, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -102,18 +103,26 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, bias: dict) 
 
 
 def _client(args: tuple) -> list[tuple[float, int, float]]:
-    url, model, k, requests, max_tokens, bias, start_at = args
+    url, model, k, requests, max_tokens, extra, start_at = args
     time.sleep(max(0.0, start_at - time.time()))
-    return [one_request(url, model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens, bias) for r in range(requests)]
+    return [
+        one_request(url, model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens, seeded(extra, 1000 * k + r))
+        for r in range(requests)
+    ]
 
 
-def load(url: str, model: str, clients: int, requests: int, max_tokens: int, bias: dict) -> dict:
+def seeded(extra: dict, seed: int) -> dict:
+    """A sampled request's body fields with a seed of its own."""
+    return {**extra, "seed": seed} if extra.get("temperature") else extra
+
+
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int, extra: dict) -> dict:
     """Each client is its own process, as real clients are: 16 client threads in one Python process spend the
     GIL parsing streams and held our server at 880-910 tokens/s where 16 processes reached 1,140-1,150."""
     with multiprocessing.get_context("fork").Pool(clients) as pool:
         pool.map(time.sleep, [0] * clients)  # every process up before the clock starts
         start_at = time.time() + 0.5
-        jobs = [(url, model, k, requests, max_tokens, bias, start_at) for k in range(clients)]
+        jobs = [(url, model, k, requests, max_tokens, extra, start_at) for k in range(clients)]
         results = [r for rs in pool.map(_client, jobs) for r in rs]
         wall = time.time() - start_at
     tokens = sum(r[1] for r in results)
@@ -148,6 +157,8 @@ def main() -> None:
     parser.add_argument("--servers", default="qianwen,transformers,transformers-cb")
     parser.add_argument("--device", default="cpu", help="where both servers run the model (cpu, cuda)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16"], help="both servers' weights (auto: fp32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, each request seeded")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled requests")
     parser.add_argument("--name", default="serve", help="results file name")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -157,6 +168,9 @@ def main() -> None:
         model_dir = export_model(workdir / "model", args.model)
         _, tok = qianwen.load(model_dir)
         bias = {str(i): -100.0 for i in [*tok.chat_stop_ids, tok.eod_id]}  # floats: transformers rejects ints
+        extra = {"logit_bias": bias}
+        if args.temperature:
+            extra |= {"temperature": args.temperature, "top_p": args.top_p}
         # Through this Python rather than the console scripts: a machine with the package on PYTHONPATH alone
         # (the GPU machine) has none.
         transformers_cli = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
@@ -199,9 +213,9 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             process = serve(command, url, env, log)
             try:
-                one_request(url, served, PROMPTS[0], 8, bias)  # warm-up
+                one_request(url, served, PROMPTS[0], 8, seeded(extra, 0))  # warm-up
                 for clients in levels:
-                    result = load(url, served, clients, args.requests, args.max_tokens, bias)
+                    result = load(url, served, clients, args.requests, args.max_tokens, extra)
                     row = {"server": name, "threads": threads, **result}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -236,8 +250,9 @@ def main() -> None:
     scaling = ours["tokens_per_s"] / alone[0]["tokens_per_s"]
     print(f"{top} clients: qianwen {ratio:.2f}x {peer['server']}; our {top} vs {min(levels)} client(s): {scaling:.2f}x")
     command = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+    decoding = f"sampled at temperature {args.temperature}, top-p {args.top_p}" if args.temperature else "greedy"
     notes = (
-        f"{args.model} with random weights and an 8,192-id vocabulary, {args.dtype} weights; greedy, "
+        f"{args.model} with random weights and an 8,192-id vocabulary, {args.dtype} weights; {decoding}, "
         f"{args.max_tokens} tokens per reply, {args.requests} requests per client, the fastest of {args.rounds} "
         f"round(s); at {top} clients, each server at its best thread count, qianwen "
         f"({ours['threads']} thread(s)) {ratio:.2f}x the faster peer mode ({peer['server']}, {peer['threads']} "

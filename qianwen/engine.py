@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qianwen.generate import OutputText, Sampling, sample
+from qianwen.generate import OutputText, sample_rows, uniforms
 from qianwen.model import Transformer
 from qianwen.prefix_cache import Entry, PrefixCache
 from qianwen.tokenizer import Tokenizer
@@ -72,7 +72,6 @@ class Job:
         self.output = OutputText(tokenizer, frozenset(stop_ids), params.stop)
         seed = params.seed + index if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
         self.counts: collections.Counter[int] = collections.Counter()
         self.bias = None
         if params.logit_bias:
@@ -111,6 +110,8 @@ def hand_over(deliver: Callable | None, events: list) -> None:
 def check_request(prompt: Sequence[int], params: Params, n: int, max_batch: int, max_len: int) -> None:
     if not 1 <= n <= max_batch:
         raise ValueError(f"n must be between 1 and the server's --max-batch {max_batch}, got {n}.")
+    if not (params.temperature >= 0 and 0 < params.top_p <= 1):
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {params.temperature} and {params.top_p}.")
     if not prompt or len(prompt) + params.max_tokens > max_len:
         raise ValueError(f"a {len(prompt)}-token prompt and max_tokens {params.max_tokens} do not fit {max_len}.")
 
@@ -357,10 +358,11 @@ class Engine:
                 self._keep(home, group[0].prompt)
         # `active` lists jobs in row order: the first choices, then the others in the order their rows were given.
         self.active += [g[0] for g in groups] + [j for g in groups for j in g[1:]]
-        for r, group in enumerate(groups):
-            for job in group:
-                self._admitting -= 1
-                self._advance(job, logits[r])
+        admitted = [job for group in groups for job in group]
+        rows = logits[[r for r, group in enumerate(groups) for _ in group]]
+        for job, row_logits, token in zip(admitted, rows, self._pick(admitted, rows), strict=True):
+            self._admitting -= 1
+            self._advance(job, row_logits, token)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -372,19 +374,42 @@ class Engine:
         logits = self.model.decode_step(tokens, view, slots).float()
         self.cache.seen[: len(jobs)] += 1
         self.steps += 1
-        greedy = logits.argmax(-1).tolist() if any(j.plain for j in jobs) else None
-        for i, (job, row_logits) in enumerate(zip(list(jobs), logits, strict=True)):
+        for job, row_logits, token in zip(list(jobs), logits, self._pick(jobs, logits), strict=True):
             job.length += 1
-            self._advance(job, row_logits, greedy[i] if job.plain else None)
+            self._advance(job, row_logits, token)
         self._drop_finished()
 
-    def _advance(self, job: Job, logits: torch.Tensor, token: int | None = None) -> None:
-        """Pick the job's next token from its logits [V] (unless `token` is already picked), hand its text over,
-        and note whether it is done."""
+    def _pick(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
+        """Each job's next token from its row of `logits` [jobs, V], whose rows take the job's logit bias and
+        penalties in place first (the log-probabilities a job asks for are of those). The greedy rows are picked by
+        one max and the sampled ones by one `sample_rows` over all of them, each row with its own temperature,
+        top-p and seeded draw: the same tokens as row by row, where 16 sampled requests made the step 1.4x slower
+        than 16 greedy ones at an 8,192-id vocabulary."""
+        for i, job in enumerate(jobs):
+            if not job.plain:
+                self._adjust(job, logits[i])
+        tokens = [0] * len(jobs)
+        greedy = [i for i, job in enumerate(jobs) if job.params.temperature == 0]
+        if greedy:
+            picked = (logits if len(greedy) == len(jobs) else logits[greedy]).max(-1).indices.tolist()
+            for i, token in zip(greedy, picked, strict=True):
+                tokens[i] = token
+        sampled = [i for i, job in enumerate(jobs) if job.params.temperature > 0]
+        if sampled:
+            # Each request's seeded generator lives on the CPU: its draw is made there, then all move at once.
+            cpu = torch.device("cpu")
+            u = torch.cat([uniforms(1, jobs[i].generator, cpu) for i in sampled]).to(self.device)
+            settings = torch.tensor([[jobs[i].params.temperature, jobs[i].params.top_p] for i in sampled])
+            settings = settings.to(self.device)
+            rows = logits if len(sampled) == len(jobs) else logits[sampled]
+            picked = sample_rows(rows, settings[:, :1], settings[:, 1:], u)
+            for i, token in zip(sampled, picked.tolist(), strict=True):
+                tokens[i] = token
+        return tokens
+
+    def _advance(self, job: Job, logits: torch.Tensor, token: int) -> None:
+        """Hand over the job's picked token (from its logits [V], adjusted) and note whether it is done."""
         p = job.params
-        if token is None:
-            logits = self._adjust(job, logits)
-            token = int(sample(logits[None], job.sampling, job.generator if p.temperature > 0 else None)[0])
         logprobs = []
         if p.logprobs is not None and token not in job.output.stop_ids:
             lp = logits.log_softmax(-1)
@@ -401,17 +426,17 @@ class Engine:
         self._outbox.append((job, Event(text, logprobs, job.output.finish_reason if job.output.done else None)))
 
     @staticmethod
-    def _adjust(job: Job, logits: torch.Tensor) -> torch.Tensor:
-        """The job's logit bias and presence/frequency penalties applied (OpenAI's definitions)."""
+    def _adjust(job: Job, logits: torch.Tensor) -> None:
+        """The job's logit bias and presence/frequency penalties (OpenAI's definitions) applied to its row [V] in
+        place."""
         p = job.params
         if job.bias is not None:
             ids, values = (t.to(logits.device) for t in job.bias)
-            logits = logits.index_put((ids,), values.to(logits.dtype), accumulate=True)
+            logits.index_put_((ids,), values.to(logits.dtype), accumulate=True)
         if job.counts and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(list(job.counts), device=logits.device)
             counts = torch.tensor(list(job.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.index_put((ids,), logits[ids] - p.presence_penalty - p.frequency_penalty * counts)
-        return logits
+            logits.index_put_((ids,), logits[ids] - p.presence_penalty - p.frequency_penalty * counts)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []

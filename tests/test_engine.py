@@ -119,6 +119,33 @@ def test_seeds_repeat_and_choices_differ(model, tok):
     assert out.text[(0, 0)] != out.text[(0, 1)]
 
 
+def test_requests_sampled_in_one_batch_get_the_text_each_gets_alone(model, tok):
+    """Requests with different temperatures, top-p, seeds, penalties and biases picked together in every step
+    (greedy ones among them) reply exactly as each does alone in the engine."""
+    banned = tok.encode(" the")[0]
+    requests = [
+        Params(max_tokens=14, temperature=0.8, top_p=0.9, seed=1),
+        Params(max_tokens=10, temperature=0),
+        Params(max_tokens=12, temperature=1.3, seed=2, presence_penalty=1.5),
+        Params(max_tokens=14, temperature=0.5, top_p=0.3, seed=3, logit_bias=((banned, -100.0),)),
+        Params(max_tokens=9, temperature=0, frequency_penalty=2.0),
+        Params(max_tokens=14, temperature=1.0, seed=4, logprobs=1),
+    ]
+    prompts = [tok.encode(text) for text in ("Once upon a time", "the the the", "A robot", "Hello", "1 2 3", "Why")]
+    engine = Engine(model, tok, max_batch=len(requests))
+    try:
+        together = Collector()
+        for i, (prompt, params) in enumerate(zip(prompts, requests, strict=True)):
+            engine.submit(prompt, params, 1, together(i))
+        together.wait(len(requests))
+        alone = [_run_one(engine, prompt, params)[1] for prompt, params in zip(prompts, requests, strict=True)]
+    finally:
+        engine.close()
+    for i, out in enumerate(alone):
+        (text,) = out.text.values()
+        assert together.text[(i, 0)] == text, i
+
+
 def test_penalties_and_logit_bias(model, tok):
     engine = Engine(model, tok, max_batch=2)
     events = []

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 import qianwen
 from qianwen.config import ModelConfig
-from qianwen.generate import Sampling, _penalise, filter_logits, sample
+from qianwen.generate import Sampling, _penalise, filter_logits, sample, sample_rows, uniforms
 from qianwen.model import Transformer
 from qianwen.tokenizer import Tokenizer
 
@@ -151,6 +151,24 @@ def test_samples_follow_the_filtered_distribution():
     counts = np.bincount([int(sample(logits, s, gen)) for _ in range(4000)], minlength=5) / 4000
     expected = np.exp([2.0, 1.0, 0.5]) / np.exp([2.0, 1.0, 0.5]).sum()
     assert counts[3:].sum() == 0 and np.allclose(counts[:3], expected, atol=0.03)
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone():
+    """The serving engine samples all its requests in one pass, each row with its own temperature, top-p and
+    seeded generator: every row's id is the one `sample` draws for that row alone, over many draws."""
+    gen = torch.Generator().manual_seed(0)
+    settings = [(t, p) for t in (0.3, 0.7, 1.0, 1.6) for p in (1.0, 0.95, 0.5, 0.05)]
+    for scale in (0.5, 3.0, 12.0):
+        logits = torch.randn(len(settings), 3000, generator=gen) * scale
+        for draw in range(25):
+            seeds = [1000 * draw + i for i in range(len(settings))]
+            alone = [
+                int(sample(row[None], Sampling(temperature=t, top_p=p), torch.Generator().manual_seed(seed))[0])
+                for row, (t, p), seed in zip(logits, settings, seeds, strict=True)
+            ]
+            u = torch.cat([uniforms(1, torch.Generator().manual_seed(seed), logits.device) for seed in seeds])
+            together = sample_rows(logits, torch.tensor(settings)[:, :1], torch.tensor(settings)[:, 1:], u)
+            assert together.tolist() == alone
 
 
 def test_repetition_penalty_matches_transformers():
