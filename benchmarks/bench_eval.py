@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import sys
@@ -262,7 +263,7 @@ def main(argv=None) -> None:
         f"and the ratio from each side's fastest run (the machine is shared), medians beside them. "
         f"generate_until stops at a newline or {args.max_gen_toks} tokens."
     )
-    command = " ".join(["python -m benchmarks.bench_eval", *(sys.argv[1:] if argv is None else argv)])
+    command = "python -m benchmarks.bench_eval " + shlex.join(sys.argv[1:] if argv is None else argv)  # --preset ""
     write_result(args.name, rows, command, notes)
 
 

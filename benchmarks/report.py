@@ -247,7 +247,13 @@ def main() -> None:
             + table(["library", "seconds", "docs/s", "mean abs error", ">= 0.8", "0.6-0.8", "< 0.6"], mh_rows)
             + "\n"
         )
-    for name, dtype in (("serve", "fp32"), ("serve_bf16", "bf16"), ("gpu_serve", "bf16 on a GPU")):
+    serving = (
+        ("serve", "fp32"),
+        ("serve_sampled", "fp32, sampled"),
+        ("serve_bf16", "bf16"),
+        ("gpu_serve", "bf16 on a GPU"),
+    )
+    for name, dtype in serving:
         serve = load(name)
         if not serve:
             continue
@@ -265,7 +271,9 @@ def main() -> None:
             )
             + f"\n\n{serve['notes']}\n"
         )
-    for name, where in (("eval", "CPU, fp32"), ("eval_bf16", "CPU, bf16"), ("gpu_eval", "GPU, bf16")):
+    evaluation = (("eval", "CPU, fp32"), ("eval_400", "CPU, fp32, 400 documents a task"), ("eval_bf16", "CPU, bf16"),
+                  ("gpu_eval", "GPU, bf16"))  # fmt: skip
+    for name, where in evaluation:
         result = load(name)
         if not result:
             continue
