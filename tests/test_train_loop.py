@@ -256,6 +256,26 @@ def test_a_plain_cuda_device_is_this_processs_gpu(monkeypatch, device, local_ran
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch._utils._get_device_index(d)))
     assert str(loop.init_runtime(device).device) == expected
     assert chosen == [int(expected[-1])]
+
+
+def test_a_gpu_device_that_is_not_there_is_one_sentence(monkeypatch):
+    """device=cuda without CUDA, a GPU index past the machine's count (or a LOCAL_RANK past it under torchrun),
+    and a name torch does not know each end in a ValueError that says what to use, not in torch's traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device=cuda asks for a GPU but torch sees no CUDA device; use device=cpu"):
+        loop.init_runtime("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device=cuda:2 means GPU 2 .* torch sees 2; name one of cuda:0 to cuda:1"):
+        loop.init_runtime("cuda:2")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match=r"device=cuda means GPU 3 .* at most 2 process\(es\) per machine"):
+        loop.init_runtime("cuda")
+    with pytest.raises(ValueError, match=r"^device='gpu' is not a torch device"):
+        loop.init_runtime("gpu")

@@ -147,10 +147,21 @@ def init_runtime(device: str) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device} asks for a GPU but torch sees no CUDA device; use device=cpu or auto.")
         if dev.index is None:  # plain `cuda`: this process's own GPU (set_device refuses a device without an index)
             dev = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ValueError(
+                f"device={device} means GPU {dev.index} for this process, but torch sees {count}; name one of "
+                f"cuda:0 to cuda:{count - 1}, or start at most {count} process(es) per machine."
+            )
         torch.cuda.set_device(dev)
     if world == 1:
         return Runtime(0, 1, dev, None)
