@@ -53,6 +53,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -608,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require this key as a Bearer token (default: $QIANWEN_API_KEY)")
     p.add_argument("--served-name", metavar="NAME", help="the model id clients ask for (default: the directory name)")
     p.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="sequences decoded together")

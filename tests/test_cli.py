@@ -94,7 +94,11 @@ def _bad_dtype(tmp_path, checkpoint):
     return ["generate", "--model", str(checkpoint), "--dtype", "fp64", "--prompt", "hi"]
 
 
-USER_ERRORS = [_missing, _not_a_checkpoint, _unknown_config_key, _bad_dtype]
+def _bad_port(tmp_path, checkpoint):
+    return ["serve", "--model", str(checkpoint), "--port", "99999"]  # asyncio's bind raised OverflowError
+
+
+USER_ERRORS = [_missing, _not_a_checkpoint, _unknown_config_key, _bad_dtype, _bad_port]
 
 
 @pytest.mark.parametrize("case", USER_ERRORS, ids=lambda f: f.__name__.strip("_"))
@@ -119,6 +123,7 @@ def test_error_messages_name_the_problem(tmp_path, checkpoint, capsys):
         (_not_a_checkpoint, "config.json"),
         (_unknown_config_key, "flux_capacitor"),
         (_bad_dtype, "--dtype"),
+        (_bad_port, "--port: must be a TCP port from 1 to 65535, got 99999"),
     ]:
         main(case(tmp_path, checkpoint))
         assert words in capsys.readouterr().err
