@@ -148,13 +148,34 @@ def test_cli_overrides_after_input_paths(corpus, tokenizer_dir, tmp_path, capsys
 
 def test_cli_reports_malformed_records(tokenizer_dir, tmp_path, capsys):
     data = tmp_path / "in.jsonl"
-    data.write_bytes(b'{"text": "fine"}\n{"text": "broken\n{"other": 1}\n')
+    # One record that passes the filters (a document they all drop would leave nothing to train on: an error).
+    fine = (
+        "The river runs past the old mill, and in the spring the water rises over the stones where the children "
+        "used to play. Every morning the miller opened the doors, looked at the sky and decided whether the wheel "
+        "would turn that day. His daughter kept a notebook of the weather, the birds she saw and the boats that "
+        "went down to the town, so that years later the family could read what each season had been like."
+    )
+    data.write_bytes(json.dumps({"text": fine}).encode() + b'\n{"text": "broken\n{"other": 1}\n')
     args = ["data", "prep", "--input", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o")]
     assert main([*args, "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert f"skipped 2 malformed record(s), e.g. {data}:2: not valid JSON" in out
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())
     assert [e["where"] for e in stats["read"]["malformed_examples"]] == [f"{data}:2", f"{data}:3"]
+
+
+def test_inputs_that_leave_nothing_to_train_on_are_an_error(tokenizer_dir, tmp_path, capsys):
+    """Text the filters drop entirely (one short line) writes no shard set a trainer could open, and says so."""
+    data = tmp_path / "short.txt"
+    data.write_text("too short\n")
+    out = tmp_path / "o"
+    code = main(["data", "prep", "--input", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out)])
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert code == 2
+    assert last.startswith(
+        "error: the inputs gave nothing to train on: 1 document(s) read from 1 file(s), 0 malformed, 0 kept"
+    )
+    assert (out / "stats.json").is_file() and not (out / "index.json").exists()
 
 
 @pytest.mark.parametrize(

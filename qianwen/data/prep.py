@@ -254,6 +254,13 @@ def prep(
     }
     save_progress()
     atomic_write(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+    if not writers["train"].tokens:  # no index.json then: the directory is no shard set a trainer would read
+        kept = sum(w.documents for w in writers.values())
+        raise ValueError(
+            f"the inputs gave nothing to train on: {read['documents']} document(s) read from {read['files']} "
+            f"file(s), {read['malformed']} malformed, {kept} kept after the filters ({out / 'stats.json'} says what "
+            "each stage removed); give text or code to --input, or loosen the filters."
+        )
     index = {
         "format": FORMAT,
         "dtype": DTYPE.name,
