@@ -70,7 +70,8 @@ class Job:
     def __init__(self, prompt: list[int], params: Params, index: int, tokenizer: Tokenizer, stop_ids, emit):
         self.prompt, self.params, self.index, self.emit = prompt, params, index, emit
         self.output = OutputText(tokenizer, frozenset(stop_ids), params.stop)
-        seed = params.seed + index if params.seed is not None else secrets.randbits(63)
+        # Any integer is a seed (the API bounds none; torch takes 64 bits): a huge or negative one wraps around.
+        seed = (params.seed + index) % 2**64 if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: collections.Counter[int] = collections.Counter()
         self.bias = None
@@ -197,6 +198,11 @@ class Engine:
             self.waiting.append(jobs)
             self._cond.notify()
         return jobs
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decoding thread still runs (the server's /health says so)."""
+        return self._thread.is_alive() and not self._closed
 
     @property
     def load(self) -> dict[str, int]:

@@ -110,6 +110,11 @@ class EngineProcess:
         return jobs
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine process still runs (the server's /health says so)."""
+        return self._process.is_alive() and not self._closing
+
+    @property
     def load(self) -> dict:
         return {**self._load, "max_batch": self.max_batch}
 
@@ -193,9 +198,16 @@ def _child(source: ModelSource, max_batch, max_len, prefix_cache_bytes, threads,
                 break
             if message[0] == "submit":
                 _, rids, prompt, params = message
-                with registry:
-                    for job in engine.submit(prompt, params, len(rids), lambda job, event: None, tags=rids):
-                        jobs[job.tag] = job
+                try:
+                    with registry:
+                        for job in engine.submit(prompt, params, len(rids), lambda job, event: None, tags=rids):
+                            jobs[job.tag] = job
+                except Exception as exc:  # one request that cannot start ends with an error; the engine goes on
+                    message = f"the request could not start: {type(exc).__name__}: {exc}"
+                    with registry:
+                        for rid in rids:
+                            jobs.pop(rid, None)
+                    events.send(([(rid, message, [], "error", 0) for rid in rids], engine.load))
             elif message[0] == "cancel":
                 with registry:
                     job = jobs.pop(message[1], None)

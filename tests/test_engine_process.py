@@ -13,7 +13,7 @@ import torch
 import qianwen
 from qianwen.config import ModelConfig
 from qianwen.engine import Engine, Overloaded, Params
-from qianwen.engine_process import EngineProcess, ModelSource
+from qianwen.engine_process import EngineProcess, ModelSource, RemoteJob
 from qianwen.model import Transformer
 
 
@@ -78,11 +78,31 @@ def test_the_engine_process_replies_as_the_thread_engine_and_cancels_and_refuses
         with pytest.raises(ValueError, match="max-batch"):
             remote.submit(tok.encode("d"), never, 5, got("too many"))
 
+        # Any integer is a seed: one past 64 bits (which stopped the engine process) and a negative one.
+        for k, seed in enumerate((2**70, 2**70, -3)):
+            remote.submit(tok.encode("g"), Params(max_tokens=6, temperature=1.0, seed=seed), 1, got(("seed", k)))
+        got.wait(6 + 3)
+        assert {got.finish[("seed", k), 0] for k in range(3)} <= {"length", "stop"}
+        assert got.text[("seed", 0), 0] == got.text[("seed", 1), 0]
+        # A request the engine cannot start (here a malformed submission, past the server's checks) ends in an
+        # error of its own, and the engine serves the next one.
+        broken = RemoteJob(remote, next(remote._ids), 0, got("broken"))
+        broken.emit = lambda event: got("broken")(broken, event)
+        with remote._lock:
+            remote._jobs[broken.rid] = broken
+            remote._commands.send(("submit", [broken.rid], [1, 2], "not parameters"))
+        got.wait(6 + 3 + 1)
+        assert got.finish["broken", 0] == "error" and "could not start" in got.text["broken", 0]
+        remote.submit(tok.encode("h"), greedy, 1, got("next"))
+        got.wait(6 + 3 + 1 + 1)
+        assert got.finish["next", 0] in ("length", "stop") and remote.alive
+
         dying = remote.submit(tok.encode("e"), never, 1, got("dying"))
         time.sleep(0.2)
         remote._process.kill()
-        got.wait(5 + 2)
+        got.wait(6 + 3 + 1 + 1 + 1)
         assert got.finish["dying", 0] == "error" and "engine process exited" in got.text["dying", 0]
+        assert not remote.alive
         assert dying[0].generated < 200
         with pytest.raises(Overloaded, match="not running"):
             remote.submit(tok.encode("f"), greedy, 1, got("after"))

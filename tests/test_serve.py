@@ -7,10 +7,13 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -348,6 +351,18 @@ def test_serve_command(chat_model):
             )
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == HELLO_REPLY
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["prefix_cache_hits"] == 1
+        # Any integer is a seed (one past 64 bits used to stop the engine process).
+        huge = {"model": "model", "prompt": HELLO, "max_tokens": 4, "temperature": 1.0, "seed": 2**70}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=huge, timeout=60).status_code == 200
+        # An engine process that dies (killed here) turns /health into a 503 a supervisor acts on.
+        children = [Path(f"/proc/{server.pid}/task/{t}/children") for t in os.listdir(f"/proc/{server.pid}/task")]
+        for pid in {int(c) for f in children if f.is_file() for c in f.read_text().split()}:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        down = httpx.get(f"http://127.0.0.1:{port}/health")
+        assert down.status_code == 503 and down.json()["status"] == "error"
     finally:
         server.terminate()
         err = server.communicate(timeout=30)[1]

@@ -112,7 +112,9 @@ def create_app(
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        if not engine.alive:  # what a supervisor polls: 503, so it restarts the server
+            return JSONResponse({"status": "error", "model": name, "message": "the engine is not running."}, 503)
         return {"status": "ok", "model": name, **engine.load}
 
     @app.get("/v1/models")
