@@ -186,3 +186,6 @@ def test_window_schedules_and_lengths():
         longctx.window_schedule(config, "a:b")
     assert longctx.window_schedule(config) == [32, 38, 45, 51, 58, 64]  # the default, 0.5:1
     assert longctx.lengths_of(config, "0.5,1,2,1") == [32, 64, 128]
+    for bad in ("abc", "0", "inf", "", "1,x"):
+        with pytest.raises(ValueError, match=r"must be positive multiples of seq_length \(64\), comma-separated"):
+            longctx.lengths_of(config, bad)

@@ -87,6 +87,8 @@ def test_both_stages_separate_pairs_and_export_a_sequence_classifier(base_dir, t
 
     rm, tok, stats = load_reward_model(tmp_path / "rm")
     assert stats == meta["reward"]
+    with pytest.raises(ValueError, match=r"is not a reward model: its weights have no score head"):
+        load_reward_model(base_dir)  # a causal LM given where PPO wants the reward model
     hf = Qwen2ForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
     ids = torch.tensor([reply_ids(tok, {"prompt": "3+4=?", "chosen": "It is 7."}, "chosen")])
     with torch.no_grad():

@@ -383,8 +383,14 @@ def load_reward_model(directory: str | Path, device: str = "cpu") -> tuple[Rewar
     rm = RewardModel(model).to(device).eval()
     index = directory / "model.safetensors.index.json"
     source = directory / (SCORE_FILE if index.is_file() else "model.safetensors")
+    tensors = load_file(source)
+    if "score.weight" not in tensors:
+        raise ValueError(
+            f"{directory} is not a reward model: its weights have no score head (score.weight); give a `qianwen rm` "
+            "output (a run's rm/ directory)."
+        )
     with torch.no_grad():
-        rm.score.weight.copy_(load_file(source)["score.weight"])
+        rm.score.weight.copy_(tensors["score.weight"])
     meta = json.loads((directory / "qianwen.json").read_text())
     return rm, tokenizer, meta.get("reward", {"mean": 0.0, "std": 1.0})
 

@@ -124,10 +124,17 @@ def long_context(model: qianwen.Transformer, ntk: bool, logn: bool, windows: lis
 
 
 def lengths_of(config: qianwen.ModelConfig, spec: str | list[float]) -> list[int]:
-    multiples = [float(m) for m in (spec.split(",") if isinstance(spec, str) else spec)]
-    lengths = sorted({round(m * config.seq_length) for m in multiples})
+    try:
+        multiples = [float(m) for m in (spec.split(",") if isinstance(spec, str) else spec)]
+    except ValueError:
+        multiples = []
+    finite = all(math.isfinite(m) for m in multiples)
+    lengths = sorted({round(m * config.seq_length) for m in multiples}) if finite else []
     if not lengths or lengths[0] < 1:
-        raise ValueError(f"lengths={spec} must be positive multiples of seq_length ({config.seq_length}).")
+        raise ValueError(
+            f"lengths={spec} must be positive multiples of seq_length ({config.seq_length}), comma-separated, e.g. "
+            "0.5,1,2,4,8."
+        )
     return lengths
 
 
