@@ -398,6 +398,20 @@ def read_config(directory: str | os.PathLike) -> tuple[str, ModelConfig]:
     )
 
 
+def require_language_model(directory: str | os.PathLike) -> None:
+    """Refuse a reward model (`qianwen rm` writes Qwen2ForSequenceClassification) where text is to be generated or
+    trained: its body was tuned to score replies and its output head never to write them, so it would run and
+    answer nonsense. (Reward models load with `qianwen.load` too; PPO's value and reward models are built so.)"""
+    path = Path(directory) / "config.json"
+    architectures = (_read_json(path).get("architectures") or []) if path.is_file() else []
+    scorer = next((a for a in architectures if a.endswith("ForSequenceClassification")), None)
+    if scorer:
+        raise CheckpointError(
+            f"{directory} is a reward model ({scorer}): it scores replies and was never trained to write them; "
+            "give a base, SFT or PPO model directory."
+        )
+
+
 def load_model(
     directory: str | os.PathLike,
     dtype: torch.dtype | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import qianwen
+from qianwen.checkpoint import require_language_model
 from qianwen.generate import Sampling
 from qianwen.tokenizer import DEFAULT_SYSTEM, Tokenizer
 
@@ -111,6 +112,7 @@ def _device(name: str) -> torch.device:
 
 
 def _load(args: argparse.Namespace):
+    require_language_model(args.model)
     return qianwen.load(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
 
 
@@ -284,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "process":
         from qianwen.engine_process import EngineProcess, ModelSource
 
+        require_language_model(args.model)
         tok = Tokenizer.from_file(args.model)
         source = ModelSource(args.model, DTYPES[args.dtype], _device(args.device))
         app = create_app(None, tok, name, api_key, engine=EngineProcess(source, *sizes))

@@ -94,11 +94,19 @@ def _bad_dtype(tmp_path, checkpoint):
     return ["generate", "--model", str(checkpoint), "--dtype", "fp64", "--prompt", "hi"]
 
 
+def _reward_model(tmp_path, checkpoint):
+    for f in checkpoint.iterdir():  # the directory `qianwen rm` writes says so in config.json
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((checkpoint / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForSequenceClassification"]}))
+    return ["generate", "--model", str(tmp_path), "--prompt", "hi"]
+
+
 def _bad_port(tmp_path, checkpoint):
     return ["serve", "--model", str(checkpoint), "--port", "99999"]  # asyncio's bind raised OverflowError
 
 
-USER_ERRORS = [_missing, _not_a_checkpoint, _unknown_config_key, _bad_dtype, _bad_port]
+USER_ERRORS = [_missing, _not_a_checkpoint, _unknown_config_key, _bad_dtype, _reward_model, _bad_port]
 
 
 @pytest.mark.parametrize("case", USER_ERRORS, ids=lambda f: f.__name__.strip("_"))
@@ -123,6 +131,7 @@ def test_error_messages_name_the_problem(tmp_path, checkpoint, capsys):
         (_not_a_checkpoint, "config.json"),
         (_unknown_config_key, "flux_capacitor"),
         (_bad_dtype, "--dtype"),
+        (_reward_model, "is a reward model (Qwen2ForSequenceClassification)"),
         (_bad_port, "--port: must be a TCP port from 1 to 65535, got 99999"),
     ]:
         main(case(tmp_path, checkpoint))

@@ -36,6 +36,7 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import qianwen
+from qianwen.checkpoint import require_language_model
 from qianwen.tokenizer import CHAT_TEMPLATE
 from qianwen.util import atomic_write
 
@@ -72,6 +73,7 @@ class QianwenLM(TemplateLM):
         if str(dtype) not in _DTYPES:
             raise ValueError(f"dtype={dtype} is not one of {', '.join(_DTYPES)}.")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        require_language_model(pretrained)
         self.model, self.tokenizer = qianwen.load(pretrained, dtype=_DTYPES[str(dtype)], device=self._device)
         self.model.eval()
         self.pretrained = str(pretrained)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import qianwen
+from qianwen.checkpoint import require_language_model
 from qianwen.checks import KINDS, check_answer
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.generate import generate
@@ -257,6 +258,7 @@ class PPO:
         if config.reward == "checker":
             check_tasks(self.prompts, config.prompts)
         torch.manual_seed(config.seed)
+        require_language_model(config.policy)
         model, self.tokenizer = qianwen.load(config.policy, dtype=torch.float32, device=device)
         model.requires_grad_(True)
         shard = LoopConfig(dtype=config.dtype)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import qianwen
+from qianwen.checkpoint import require_language_model
 from qianwen.config import apply_overrides, build, load_recipe
 from qianwen.tokenizer import Tokenizer
 from qianwen.train.loop import LoopConfig, Runtime, Stage, Trainer, hf_export, init_runtime, shutdown
@@ -156,6 +157,7 @@ class LengthGroupedBatches:
 
 def sft(config: SFTConfig, resume: bool = False) -> list[dict]:
     """Fine-tune; returns this process's metrics records. Every process of a torchrun job calls this."""
+    require_language_model(config.model)
     model, tokenizer = qianwen.load(config.model, dtype=torch.float32)
     model.requires_grad_(True)  # loaded for inference
     model.config.dropout = config.dropout
