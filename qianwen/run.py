@@ -112,6 +112,8 @@ def run(
     """Run the recipe into `out`, skipping finished stages; `start` redoes that stage and every later one, `only`
     that stage alone (and the report card). Returns the report's path."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the run (a new one, or a run to go on with).")
     for flag, name in (("--from", start), ("--only", only)):
         if name is not None and name not in NAMES:
             raise ValueError(f"{flag} {name!r} is not a stage; the stages are {', '.join(NAMES)}.")

@@ -345,8 +345,13 @@ def _misspelt_section_key(out, tmp_path):
     return cli(out, "pretrain.stepz=3"), "unknown config key pretrain.stepz; valid keys in [pretrain]"
 
 
+def _out_is_a_file(out, tmp_path):
+    return cli(out / "run.json"), "is a file; give a directory for the run"
+
+
 ERRORS = [
     _bad_stage,
+    _out_is_a_file,
     _both_flags,
     _missing_base,
     _not_a_model,
