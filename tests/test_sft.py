@@ -173,7 +173,8 @@ def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
     assert "x.jsonl does not exist; pass data=FILE" in capsys.readouterr().err
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{}"])
     assert main(["sft", f"model={base_dir}", f"data={empty}", f"out={tmp_path}"]) == 2
-    assert "no usable conversations to train on" in capsys.readouterr().err
+    # Said with the counts, before anything is built (the counts used to print only after the batches).
+    assert "empty.jsonl holds no usable record: 1 line(s), skipped 1 " in capsys.readouterr().err
 
 
 def test_lora_trains_adapters_only_and_writes_a_merged_model(base_dir, tmp_path):

@@ -49,4 +49,8 @@ def read_records(path: str | Path, convert: Callable[[object], object], missing:
                 out.skipped[skip.reason] = out.skipped.get(skip.reason, 0) + 1
                 if len(out.examples) < EXAMPLES_SHOWN:
                     out.examples.append(f"{path}:{number}: {skip.detail}")
+    if not out.items:  # said here, with the counts, before anything is built on nothing
+        skipped = ", ".join(f"{n} {reason}" for reason, n in out.skipped.items())
+        first = f"; the first: {out.examples[0]}" if out.examples else ""
+        raise ValueError(f"{path} holds no usable record: {out.lines} line(s), skipped {skipped or 'none'}{first}.")
     return out
