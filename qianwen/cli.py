@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -274,11 +275,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # serve
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Fail before the model loads if the address cannot be listened on (uvicorn says so only afterwards)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({reason}); give another --port, or a --host of this machine."
+        ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qianwen.serve.app import create_app
 
+    _check_listen(args.host, args.port)
     name = args.served_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("QIANWEN_API_KEY")
     prefix_bytes = None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 2**20)

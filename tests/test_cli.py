@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -136,6 +137,17 @@ def test_error_messages_name_the_problem(tmp_path, checkpoint, capsys):
     ]:
         main(case(tmp_path, checkpoint))
         assert words in capsys.readouterr().err
+
+
+def test_serve_refuses_an_address_in_use_before_loading(checkpoint, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use); give another --port" in err
 
 
 def test_bad_sampling_option_fails_before_loading(tmp_path, capsys):
