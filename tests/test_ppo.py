@@ -252,6 +252,14 @@ def test_cli_errors_are_one_line(setup, capsys):
     assert "kl_estimator must be k1 or k3" in capsys.readouterr().err
     assert main(["ppo", *settings(setup, "d", "reward=rm")]) == 2
     assert capsys.readouterr().err == "error: reward must be model or checker, got 'rm'.\n"
+    for bad, message in (
+        ("kl_coef=-0.1", "kl_coef must be at least 0, got -0.1."),  # would pay the policy to leave the reference
+        ("lam=1.5", "lam must be at least 0 and at most 1, got 1.5."),
+        ("clip=0", "clip must be more than 0, got 0.0."),
+        ("top_p=0", "top_p must be more than 0 and at most 1, got 0.0."),
+    ):
+        assert main(["ppo", *settings(setup, "d", bad)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_resume_repeats_the_uninterrupted_run(setup):

@@ -175,6 +175,8 @@ def test_cli_errors_are_one_line(base_dir, tmp_path, capsys):
     assert main(["sft", f"model={base_dir}", f"data={empty}", f"out={tmp_path}"]) == 2
     # Said with the counts, before anything is built (the counts used to print only after the batches).
     assert "empty.jsonl holds no usable record: 1 line(s), skipped 1 " in capsys.readouterr().err
+    assert main(["sft", f"model={base_dir}", f"data={empty}", "lora=true", "lora_r=0"]) == 2
+    assert capsys.readouterr().err == "error: lora_r (the adapters' rank) must be at least 1, got 0.\n"
 
 
 def test_lora_trains_adapters_only_and_writes_a_merged_model(base_dir, tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -126,6 +127,27 @@ class PPOConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.ptx_batch_size < 0:
             raise ValueError(f"ptx_batch_size must be 0 (minibatch_size) or more, got {self.ptx_batch_size}.")
+        # A negative KL coefficient would pay the policy to leave the reference, a clip of 0 would never update it.
+        for name, low, high, closed in (
+            ("kl_coef", 0, math.inf, True),
+            ("ptx_coef", 0, math.inf, True),
+            ("no_end_penalty", 0, math.inf, True),
+            ("gamma", 0, 1, True),
+            ("lam", 0, 1, True),
+            ("clip", 0, math.inf, False),
+            ("value_clip", 0, math.inf, False),
+            ("lr", 0, math.inf, False),
+            ("value_lr", 0, math.inf, False),
+            ("grad_clip", 0, math.inf, False),
+            ("temperature", 0, math.inf, True),  # 0: greedy rollouts (the torchrun test compares them)
+            ("top_p", 0, 1, False),
+        ):
+            value = getattr(self, name)
+            inside = (low <= value if closed else low < value) and value <= high
+            if not inside:
+                edge = f"at least {low}" if closed else f"more than {low}"
+                upper = f" and at most {high}" if high != math.inf else ""
+                raise ValueError(f"{name} must be {edge}{upper}, got {value}.")
         if self.save_every < 0:
             raise ValueError(f"save_every must be 0 (no checkpoints) or more, got {self.save_every}.")
         if self.dtype not in ("auto", "fp32", "bf16"):

@@ -64,6 +64,8 @@ class SFTConfig(LoopConfig):
                 raise ValueError(f"sft.{name} is not set; pass {name}=PATH.")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.dropout < 1:
             raise ValueError("val_fraction and dropout must be in [0, 1).")
+        if self.lora and self.lora_r < 1:
+            raise ValueError(f"lora_r (the adapters' rank) must be at least 1, got {self.lora_r}.")
 
 
 def load_config(recipe_path: str | None, overrides: list[str]) -> SFTConfig:
