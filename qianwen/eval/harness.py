@@ -117,9 +117,14 @@ def _convert(text: str, default: object, what: str) -> object:
 # Data files
 
 
-def data_path(options: TaskOptions, relative: str, task: str, source: str) -> Path:
-    """`<data-dir>/<relative>` (a file or a directory), or an error naming it and where the official one comes from."""
-    where = f"download it from {source} (no download happens here)"
+def download(source: str) -> str:
+    """How to get an official data file, for `data_path`'s errors."""
+    return f"download it from {source} (no download happens here)"
+
+
+def data_path(options: TaskOptions, relative: str, task: str, where: str) -> Path:
+    """`<data-dir>/<relative>` (a file or a directory), or an error naming it and `where` it comes from (a clause:
+    `download(URL)`, or how to make it)."""
     if options.data_dir is None:
         raise ValueError(f"{task} reads {relative} under --data-dir DIR; give --data-dir, and {where}.")
     path = Path(options.data_dir) / relative

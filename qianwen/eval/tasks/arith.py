@@ -38,7 +38,7 @@ from qianwen.eval.harness import (
 
 NAME = "arith"
 OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 128, "shots": 0, "shots_file": ""}
-SOURCE = "the synthetic-task generator of qianwen.data (or any JSONL of prompt/answer pairs)"
+SOURCE = "write it with `qianwen data synthetic --out DIR` (or give any JSONL of prompt/answer pairs)"
 _MARKED = re.compile(r"(?:The answer is|答案是|Final Answer:)[ \t]*(.+?)[ \t]*[.。]?[ \t]*$", re.MULTILINE)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qianwen.eval.harness import TaskOptions, TaskResult, data_path, fit_few_shot, read_options
+from qianwen.eval.harness import TaskOptions, TaskResult, data_path, download, fit_few_shot, read_options
 
 LETTERS = "ABCD"
 KEYS = ["question", *LETTERS, "answer"]
@@ -73,7 +73,7 @@ class Benchmark:
 
     def subjects(self, options: TaskOptions) -> tuple[Path, list[str]]:
         """The benchmark's root directory and its subjects (those with a scored file), sorted."""
-        root = data_path(options, self.NAME, self.NAME, self.source)
+        root = data_path(options, self.NAME, self.NAME, download(self.source))
         if (root / "data").is_dir():  # data.tar unpacks MMLU under data/
             root = root / "data"
         folder, suffix = self.scored

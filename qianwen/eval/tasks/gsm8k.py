@@ -24,6 +24,7 @@ from qianwen.eval.harness import (
     TaskOptions,
     TaskResult,
     data_path,
+    download,
     fit_few_shot,
     generate_all,
     last_number,
@@ -59,10 +60,11 @@ def prompt(question: str, shots: list[dict]) -> str:
 
 def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:
     cfg = read_options(OPTIONS, options.extra, NAME)
-    test = read_jsonl(data_path(options, "gsm8k/test.jsonl", NAME, SOURCE), ("question", "answer"))[: options.limit]
+    test_file = data_path(options, "gsm8k/test.jsonl", NAME, download(SOURCE))
+    test = read_jsonl(test_file, ("question", "answer"))[: options.limit]
     train = []
     if cfg["shots"] > 0:
-        train = read_jsonl(data_path(options, "gsm8k/train.jsonl", NAME, SOURCE), ("question", "answer"))
+        train = read_jsonl(data_path(options, "gsm8k/train.jsonl", NAME, download(SOURCE)), ("question", "answer"))
     shots = train[: cfg["shots"]]
     budget = model.config.max_position_embeddings - cfg["max_new_tokens"]
     prompts, used = [], []

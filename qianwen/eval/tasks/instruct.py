@@ -27,7 +27,7 @@ from qianwen.eval.harness import TaskOptions, TaskResult, data_path, generate_al
 
 NAME = "instruct"
 OPTIONS: dict[str, object] = {"file": "", "max_new_tokens": 64}
-SOURCE = "`qianwen data synthetic` (instruct_eval.jsonl), or any JSONL of prompt/answer/kind records"
+SOURCE = "write it with `qianwen data synthetic --out DIR` (instruct_eval.jsonl), or give any JSONL of prompt/answer/kind records"
 
 
 def evaluate(model, tokenizer, options: TaskOptions) -> TaskResult:

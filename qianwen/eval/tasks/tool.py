@@ -51,7 +51,9 @@ OPTIONS: dict[str, object] = {
     "max_steps": 4,
     "timeout": 10.0,
 }
-SOURCE = "`qianwen data synthetic` (tool_eval.jsonl), or any JSONL of question/answer records"
+SOURCE = (
+    "write it with `qianwen data synthetic --out DIR` (tool_eval.jsonl), or give any JSONL of question/answer records"
+)
 
 
 def question_of(row: dict, path: Path, number: int) -> str:
