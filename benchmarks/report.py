@@ -279,13 +279,13 @@ def main() -> None:
             continue
         rows = [
             [r["model"], r["task"], r["output_type"], r["docs"], r["qianwen_samples_per_s"], r["hf_samples_per_s"],
-             f"**{r['ratio']}x**"]
+             f"**{r['ratio']}x**", f"{r['ratio_net']}x" if r.get("ratio_net") else ""]
             for r in result["rows"]
         ]  # fmt: skip
         parts.append(
             f"## Evaluation through lm-eval, {where}: the `qianwen` model vs lm-eval's `hf` backend (goal: >= 2x)\n\n"
             f"{env_line(result)}\n\n"
-            + table(["model", "task", "type", "docs", "qianwen samples/s", "hf samples/s", "ratio"], rows)
+            + table(["model", "task", "type", "docs", "qianwen samples/s", "hf samples/s", "ratio", "net"], rows)
             + f"\n\n{result['notes']}\n"
         )
     for name, title in (("ppo", "`qianwen ppo` vs TRL's four-model PPO (goal: >= 2x faster)"),
