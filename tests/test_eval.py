@@ -290,6 +290,12 @@ def test_missing_benchmark_files_name_the_file_and_the_source(tmp_path, tokenize
     write_csv(tmp_path / "mmlu" / "test" / "law_test.csv", [question("q", "A"), question("r", "E")])
     with pytest.raises(ValueError, match=r"law_test.csv row 2 is not question,A,B,C,D,answer"):
         MMLU.evaluate(scorer, tokenizer, TaskOptions(tmp_path, None))
+    with pytest.raises(ValueError, match=r"gsm8k/test.jsonl, which does not exist; download it from https://github"):
+        gsm8k.evaluate(scorer, tokenizer, TaskOptions(tmp_path, None))
+    # The synthetic tasks' files are made here, not downloaded.
+    for task in (arith, instruct):
+        with pytest.raises(ValueError, match=r"which does not exist; write it with `qianwen data synthetic --out DIR`"):
+            task.evaluate(scorer, tokenizer, TaskOptions(tmp_path, None))
 
 
 # ---------------------------------------------------------------------------
