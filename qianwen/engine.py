@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qianwen.generate import OutputText, sample_rows, uniforms
+from qianwen.generate import OutputText, Sampling, sample_rows, uniforms
 from qianwen.model import Transformer
 from qianwen.prefix_cache import Entry, PrefixCache
 from qianwen.tokenizer import Tokenizer
@@ -111,8 +111,7 @@ def hand_over(deliver: Callable | None, events: list) -> None:
 def check_request(prompt: Sequence[int], params: Params, n: int, max_batch: int, max_len: int) -> None:
     if not 1 <= n <= max_batch:
         raise ValueError(f"n must be between 1 and the server's --max-batch {max_batch}, got {n}.")
-    if not (params.temperature >= 0 and 0 < params.top_p <= 1):
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {params.temperature} and {params.top_p}.")
+    Sampling(temperature=params.temperature, top_p=params.top_p)  # its checks, with their messages
     if not prompt or len(prompt) + params.max_tokens > max_len:
         raise ValueError(f"a {len(prompt)}-token prompt and max_tokens {params.max_tokens} do not fit {max_len}.")
 
